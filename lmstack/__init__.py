@@ -11,7 +11,7 @@ __all__ = ["LLM", "__version__"]
 def __getattr__(name):
     # Lazy so `import lmstack` (and the CLI's --help) does not import torch.
     if name == "LLM":
-        from lmstack.llm import LLM
+        from lmstack.infer.llm import LLM
 
         return LLM
     raise AttributeError(f"module 'lmstack' has no attribute {name!r}")

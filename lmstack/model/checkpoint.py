@@ -1,0 +1,453 @@
+"""Checkpoint formats: Hugging Face folders in and out, and lmstack's native folder.
+
+* Hugging Face folder: ``config.json`` + ``model.safetensors`` (or sharded safetensors with
+  ``model.safetensors.index.json``) + ``tokenizer.json`` / ``tokenizer_config.json``, for the
+  GPT-2, Llama, Mistral and Qwen2 families.
+* Native folder: ``model.safetensors`` (native keys, see ``model.py``), ``lmstack.json``
+  (the ``ModelConfig``), the tokenizer files, and ``metadata.json`` recording where the
+  weights came from.
+
+Only safetensors and GGUF are read; nothing is ever unpickled. Every write goes to a
+temporary folder that is renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from lmstack.errors import LMStackError, UnsupportedError
+from lmstack.model.config import ModelConfig
+from lmstack.model.model import Transformer
+
+NATIVE_CONFIG = "lmstack.json"
+NATIVE_FORMAT = "lmstack-native-v1"
+SUPPORTED_HF = ("gpt2", "llama", "mistral", "qwen2")
+
+# -- Hugging Face config <-> ModelConfig ----------------------------------------------------
+
+
+def _rope_theta(hf: dict) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type", "default")
+    if kind not in (None, "default"):
+        raise UnsupportedError(
+            f"RoPE scaling type {kind!r} is not supported; supported: plain RoPE (no rope_scaling)"
+        )
+    return float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED_HF:
+        raise UnsupportedError(
+            f"model_type {mt!r} (architectures {hf.get('architectures')}) is not supported; "
+            f"supported: {', '.join(SUPPORTED_HF)}"
+        )
+    if mt == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UnsupportedError(f"GPT-2 activation {act!r} is not supported; supported: gelu_new")
+        return ModelConfig(
+            arch="gpt2", vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024),
+            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+            intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"], pos="learned", norm="layernorm",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", bias=True,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+        )
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedError(f"{mt} hidden_act {act!r} is not supported; supported: silu (SwiGLU)")
+    if hf.get("mlp_bias"):
+        raise UnsupportedError(f"{mt} with mlp_bias=true is not supported")
+    n_head = hf["num_attention_heads"]
+    sliding = None
+    if mt == "mistral" or (mt == "qwen2" and hf.get("use_sliding_window")):
+        sliding = hf.get("sliding_window")
+    return ModelConfig(
+        arch=mt, vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
+        n_layer=hf["num_hidden_layers"], n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+        intermediate_size=hf["intermediate_size"], pos="rope", rope_theta=_rope_theta(hf),
+        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", bias=False,
+        qkv_bias=(mt == "qwen2") or bool(hf.get("attention_bias", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", mt == "gpt2")), sliding_window=sliding,
+    )
+
+
+def config_to_hf(cfg: ModelConfig, tokenizer=None) -> dict:
+    ids = {}
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+        if tokenizer.pad_token_id is not None:
+            ids["pad_token_id"] = tokenizer.pad_token_id
+    if cfg.arch == "gpt2":
+        _require(cfg, pos="learned", norm="layernorm", mlp="gelu", bias=True)
+        return {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head, "n_inner": cfg.intermediate_size, "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "dtype": "float32", **ids,
+        }
+    _require(cfg, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+    if cfg.n_head * cfg.head_dim != cfg.n_embd and cfg.arch == "qwen2":
+        raise UnsupportedError("Qwen2 export needs head_dim * n_head == n_embd")
+    if cfg.qkv_bias != (cfg.arch == "qwen2"):
+        raise UnsupportedError(f"arch {cfg.arch!r} export with qkv_bias={cfg.qkv_bias} has no HF equivalent")
+    arch_name = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    out = {
+        "architectures": [arch_name[cfg.arch]], "model_type": cfg.arch, "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.block_size, "hidden_size": cfg.n_embd,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": None, "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": 0.0, "dtype": "float32", **ids,
+    }
+    if cfg.arch == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    if cfg.arch == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    if cfg.arch == "qwen2":
+        out.update(use_sliding_window=cfg.sliding_window is not None,
+                   sliding_window=cfg.sliding_window, max_window_layers=cfg.n_layer)
+    return out
+
+
+def _require(cfg: ModelConfig, **want: Any) -> None:
+    for k, v in want.items():
+        if getattr(cfg, k) != v:
+            raise UnsupportedError(
+                f"cannot export arch {cfg.arch!r} with {k}={getattr(cfg, k)!r} to Hugging Face; "
+                f"that family needs {k}={v!r}"
+            )
+
+
+# -- Hugging Face weights <-> native keys ---------------------------------------------------
+
+_LLAMA_MAP = {
+    "model.embed_tokens.weight": "tok_emb.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_LLAMA_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "mlp_norm.weight",
+    **{f"self_attn.{p}_proj.{w}": f"attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")},
+    **{f"mlp.{p}_proj.weight": f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")},
+}
+
+
+def hf_to_native(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename (and for GPT-2, split and transpose) a Hugging Face state dict."""
+    out: dict[str, torch.Tensor] = {}
+    if cfg.arch == "gpt2":
+        C = cfg.n_embd
+        for k, t in sd.items():
+            k = k[len("transformer."):] if k.startswith("transformer.") else k
+            if k.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # causal-mask buffers in old checkpoints
+            if k == "wte.weight":
+                out["tok_emb.weight"] = t
+            elif k == "wpe.weight":
+                out["pos_emb.weight"] = t
+            elif k.startswith("ln_f."):
+                out["norm." + k.split(".")[-1]] = t
+            elif k == "lm_head.weight":
+                if not cfg.tie_embeddings:
+                    out["lm_head.weight"] = t
+            elif k.startswith("h."):
+                _, i, *rest = k.split(".")
+                name, kind = ".".join(rest[:-1]), rest[-1]
+                pre = f"blocks.{i}."
+                if name == "ln_1":
+                    out[pre + "attn_norm." + kind] = t
+                elif name == "ln_2":
+                    out[pre + "mlp_norm." + kind] = t
+                elif name == "attn.c_attn":  # Conv1D: weight (C, 3C), split into q, k, v
+                    parts = t.split(C, dim=-1)
+                    for p, part in zip("qkv", parts):
+                        out[pre + f"attn.{p}_proj.{kind}"] = part.t().contiguous() if kind == "weight" else part
+                elif name in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                    tgt = {"attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
+                    out[pre + tgt[name] + "." + kind] = t.t().contiguous() if kind == "weight" else t
+                else:
+                    raise UnsupportedError(f"unexpected GPT-2 tensor {k!r}")
+            else:
+                raise UnsupportedError(f"unexpected GPT-2 tensor {k!r}")
+        return out
+    for k, t in sd.items():
+        if k in _LLAMA_MAP:
+            if k == "lm_head.weight" and cfg.tie_embeddings:
+                continue
+            out[_LLAMA_MAP[k]] = t
+        elif k.startswith("model.layers."):
+            _, _, i, rest = k.split(".", 3)
+            if rest.endswith("rotary_emb.inv_freq"):
+                continue
+            if rest not in _LLAMA_LAYER:
+                raise UnsupportedError(f"unexpected {cfg.arch} tensor {k!r}")
+            out[f"blocks.{i}.{_LLAMA_LAYER[rest]}"] = t
+        else:
+            raise UnsupportedError(f"unexpected {cfg.arch} tensor {k!r}")
+    return out
+
+
+def native_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if cfg.arch == "gpt2":
+        for k, t in sd.items():
+            if k == "tok_emb.weight":
+                out["transformer.wte.weight"] = t
+            elif k == "pos_emb.weight":
+                out["transformer.wpe.weight"] = t
+            elif k.startswith("norm."):
+                out["transformer.ln_f." + k.split(".")[-1]] = t
+            elif k == "lm_head.weight":
+                out["lm_head.weight"] = t
+        for i in range(cfg.n_layer):
+            pre, hpre = f"blocks.{i}.", f"transformer.h.{i}."
+            for kind in ("weight", "bias"):
+                out[hpre + f"ln_1.{kind}"] = sd[pre + f"attn_norm.{kind}"]
+                out[hpre + f"ln_2.{kind}"] = sd[pre + f"mlp_norm.{kind}"]
+                qkv = [sd[pre + f"attn.{p}_proj.{kind}"] for p in "qkv"]
+                if kind == "weight":
+                    out[hpre + "attn.c_attn.weight"] = torch.cat([w.t() for w in qkv], dim=1).contiguous()
+                else:
+                    out[hpre + "attn.c_attn.bias"] = torch.cat(qkv)
+                for ours, theirs in (("attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"),
+                                     ("mlp.down_proj", "mlp.c_proj")):
+                    t = sd[pre + f"{ours}.{kind}"]
+                    out[hpre + f"{theirs}.{kind}"] = t.t().contiguous() if kind == "weight" else t
+        return out
+    inv_top = {v: k for k, v in _LLAMA_MAP.items()}
+    inv_layer = {v: k for k, v in _LLAMA_LAYER.items()}
+    for k, t in sd.items():
+        if k in inv_top:
+            out[inv_top[k]] = t
+        else:
+            _, i, rest = k.split(".", 2)
+            out[f"model.layers.{i}.{inv_layer[rest]}"] = t
+    return out
+
+
+# -- reading and building -------------------------------------------------------------------
+
+
+def read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder: single ``model.safetensors`` or an indexed shard set (mmap)."""
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        found = sorted(p.name for p in folder.iterdir())[:10]
+        bins = [f for f in found if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        hint = " (pickle-based weights are never loaded; convert them to safetensors)" if bins else ""
+        raise LMStackError(f"no *.safetensors weights in {folder}; found {found}{hint}")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(folder / f)))
+    return sd
+
+
+def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None,
+                device: str | torch.device = "cpu") -> Transformer:
+    """Instantiate without a random init (meta device) and adopt the given tensors."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(sd), set(sd) - expected
+    if missing or unexpected:
+        raise LMStackError(
+            f"checkpoint does not match the config: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    target = dtype or _default_dtype(next(iter(sd.values())).dtype)
+    sd = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, assign=True, strict=True)
+    if cfg.pos == "rope":
+        from lmstack.model.model import rope_tables
+
+        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+        model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    return model.eval()
+
+
+def _default_dtype(stored: torch.dtype) -> torch.dtype:
+    # fp16 compute is very slow on CPUs; bf16 stays bf16 only when asked for.
+    return torch.float32
+
+
+def load_hf(folder: str | os.PathLike, dtype: Optional[torch.dtype] = None, device="cpu"):
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LMStackError(f"cannot read Hugging Face config {cfg_path}: {e}") from None
+    cfg = config_from_hf(hf)
+    sd = hf_to_native(read_safetensors_dir(folder), cfg)
+    model = build_model(cfg, sd, dtype, device)
+    return model, _load_tokenizer(folder), {"source": str(folder), "source_format": "huggingface"}
+
+
+def _load_tokenizer(folder: Path):
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    from lmstack.tokenizer import Tokenizer
+
+    return Tokenizer.load(folder)
+
+
+def load_native(folder: str | os.PathLike, dtype: Optional[torch.dtype] = None, device="cpu"):
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_cfg = json.loads((folder / NATIVE_CONFIG).read_text())
+    if meta_cfg.get("format") != NATIVE_FORMAT:
+        raise UnsupportedError(
+            f"{folder / NATIVE_CONFIG}: format {meta_cfg.get('format')!r}, expected {NATIVE_FORMAT!r}"
+        )
+    cfg = ModelConfig.from_dict(meta_cfg["model"])
+    sd = load_file(str(folder / "model.safetensors"))
+    model = build_model(cfg, sd, dtype or getattr(torch, meta_cfg.get("dtype", "float32")), device)
+    meta_path = folder / "metadata.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return model, _load_tokenizer(folder), meta
+
+
+# -- writing --------------------------------------------------------------------------------
+
+
+class _AtomicDir:
+    """Build a folder under a temp name next to ``dst``; rename it into place on success."""
+
+    def __init__(self, dst: str | os.PathLike, overwrite: bool = True):
+        self.dst = Path(dst)
+        self.overwrite = overwrite
+
+    def __enter__(self) -> Path:
+        if self.dst.exists() and not self.overwrite:
+            raise LMStackError(f"{self.dst} already exists")
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.dst.parent, prefix=f".{self.dst.name}.tmp-"))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        for f in self.tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if self.dst.exists():
+            old = self.dst.with_name(f".{self.dst.name}.old-{os.getpid()}")
+            os.replace(self.dst, old)
+            os.replace(self.tmp, self.dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.dst)
+
+
+def _state_for_save(model: Transformer, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+    sd = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().to("cpu")
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        if not torch.isfinite(v).all():
+            raise LMStackError(f"refusing to save: tensor {k} has non-finite values")
+        sd[k] = v.contiguous()
+    return sd
+
+
+def save_native(model: Transformer, folder: str | os.PathLike, tokenizer=None,
+                metadata: Optional[dict] = None, dtype: Optional[torch.dtype] = None) -> Path:
+    from safetensors.torch import save_file
+
+    from lmstack import __version__
+
+    sd = _state_for_save(model, dtype)
+    stored = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    meta = {
+        "format": NATIVE_FORMAT, "lmstack_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "num_params": model.num_params(), **(metadata or {}),
+    }
+    with _AtomicDir(folder) as tmp:
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = {"format": NATIVE_FORMAT, "dtype": stored, "model": model.config.to_dict()}
+        (tmp / NATIVE_CONFIG).write_text(json.dumps(cfg, indent=2))
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(folder)
+
+
+def export_hf(model: Transformer, folder: str | os.PathLike, tokenizer=None,
+              dtype: Optional[torch.dtype] = None) -> Path:
+    """Write a Hugging Face folder that ``transformers`` loads with the same logits."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    hf_cfg = config_to_hf(cfg, tokenizer)
+    sd = native_to_hf(_state_for_save(model, dtype), cfg)
+    if dtype is not None:
+        hf_cfg["dtype"] = str(dtype).replace("torch.", "")
+    with _AtomicDir(folder) as tmp:
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+            gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_cfg}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return Path(folder)
+
+
+# -- one entry point ------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | os.PathLike, dtype: Optional[torch.dtype] = None, device="cpu"):
+    """(model, tokenizer or None, metadata) from a native folder, an HF folder or a .gguf file."""
+    p = Path(path)
+    if not p.exists():
+        raise LMStackError(f"model not found: {p} (expected a preset name, a model folder or a .gguf file)")
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            from lmstack.model.gguf_loader import load_gguf
+
+            return load_gguf(p, dtype=dtype, device=device)
+        raise UnsupportedError(
+            f"{p.name}: unsupported model file; expected a .gguf file or a folder with "
+            "config.json (Hugging Face) or lmstack.json (native)"
+        )
+    if (p / NATIVE_CONFIG).is_file():
+        return load_native(p, dtype, device)
+    if (p / "config.json").is_file():
+        return load_hf(p, dtype, device)
+    ggufs = sorted(p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        from lmstack.model.gguf_loader import load_gguf
+
+        return load_gguf(ggufs[0], dtype=dtype, device=device)
+    found = sorted(x.name for x in p.iterdir())[:8]
+    raise UnsupportedError(
+        f"{p}: not a model folder (found {found}); expected config.json (Hugging Face), "
+        f"lmstack.json (native) or a single .gguf file"
+    )

@@ -1,0 +1,259 @@
+"""The decoder-only transformer every lmstack stage shares.
+
+One module, driven by ``ModelConfig`` switches: positions (learned / rotary / sinusoidal /
+none), norm (LayerNorm / RMSNorm), MLP (GELU / SwiGLU), ``n_kv_head`` (MHA / GQA / MQA),
+biases, tied embeddings, sliding-window attention. Attention goes through
+``F.scaled_dot_product_attention`` so fused kernels are used where the device has them.
+
+The model is stateless: a ``KVCache`` is passed to ``forward`` by the caller (generation,
+serving, speculative decoding). Parameter names are the native checkpoint keys:
+
+    tok_emb.weight, pos_emb.weight (learned positions only)
+    blocks.{i}.attn_norm.{weight,bias}, blocks.{i}.attn.{q,k,v,o}_proj.{weight,bias}
+    blocks.{i}.mlp_norm.{weight,bias}, blocks.{i}.mlp.{gate,up,down}_proj.{weight,bias}
+    norm.{weight,bias}, lm_head.weight (untied embeddings only)
+
+Rotary embeddings use the "rotate half" layout of Hugging Face Llama; GGUF's interleaved
+q/k rows are permuted back on load (see ``gguf_loader``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmstack.model.config import ModelConfig
+from lmstack.model.kv_cache import KVCache
+
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the compute dtype, as the reference implementations do.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, n_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``(n_pos, head_dim)`` for rotate-half RoPE (Su et al. 2021, eq. 34)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    t = torch.arange(n_pos, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv_freq)  # (n_pos, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, n_head, T, head_dim); cos/sin: (B, 1, T, head_dim)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def sinusoidal_embedding(pos: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed sin/cos position embedding (Vaswani et al. 2017, sec. 3.5); pos: (B, T)."""
+    inv = torch.exp(torch.arange(0, dim, 2, device=pos.device).float() * (-math.log(10000.0) / dim))
+    ang = pos.float()[..., None] * inv  # (B, T, dim/2)
+    out = torch.zeros(*pos.shape, dim, device=pos.device)
+    out[..., 0::2] = ang.sin()
+    out[..., 1::2] = ang.cos()[..., : dim // 2]
+    return out
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.sliding_window = cfg.sliding_window
+
+    def forward(self, x, rope, cache: Optional[KVCache]) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
+            st = cache._step
+            mask, causal = st["mask"], st["causal"]
+        else:
+            mask, causal = None, T > 1
+            if self.sliding_window is not None and T > self.sliding_window:
+                i = torch.arange(T, device=x.device)
+                mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.sliding_window)
+                causal = False
+        rep = self.n_head // self.n_kv_head
+        if rep > 1 and T == 1:
+            # One query per row: fold the query heads of a kv group into that group's "queries"
+            # (B, nkv, rep, hd), so k/v are used in place, with no copy and no GQA kernel.
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_head, rep, self.head_dim), k, v,
+                                               attn_mask=mask)
+            y = y.reshape(B, T, self.n_head * self.head_dim)  # (B, 1, nh*hd)
+            return self.o_proj(y)
+        kw = {}
+        if rep > 1:
+            if _SDPA_GQA and q.is_cuda:
+                kw["enable_gqa"] = True
+            else:  # torch's CPU GQA path is far slower than repeating k/v (seen on torch 2.13)
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **kw)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:  # Shazeer 2020, "GLU Variants Improve Transformer", FFN_SwiGLU
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, cache):
+        x = x + self.attn(self.attn_norm(x), rope, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.pos == "learned":
+            self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2 style: scale the init of residual projections by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=self.config.init_std)
+
+    # -- helpers -----------------------------------------------------------------------------
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
+        cfg = self.config
+        p = self.tok_emb.weight
+        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.block_size, cfg.head_dim,
+                       dtype=p.dtype, device=p.device, sliding_window=cfg.sliding_window)
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: Optional[KVCache] = None,
+        input_lengths: Optional[Sequence[int]] = None,
+        last_only: bool = False,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits ``(B, T, vocab_size)`` for token ids ``idx`` ``(B, T)``.
+
+        With a ``cache``, the tokens continue each row at ``cache.lengths[b]``; rows may be
+        right-padded, with ``input_lengths[b]`` real tokens. ``last_only`` returns the logits
+        of the last real token of each row only, ``(B, 1, vocab_size)`` (saves the vocab
+        projection during prefill). ``return_hidden`` returns the final normed hidden states
+        ``(B, T, n_embd)`` instead of logits.
+        """
+        cfg = self.config
+        B, T = idx.shape
+        if cache is not None:
+            pos = cache.begin(T, input_lengths)  # (B, T)
+        else:
+            if T > cfg.block_size:
+                from lmstack.errors import LMStackError
+
+                raise LMStackError(f"sequence of {T} tokens is longer than block_size {cfg.block_size}")
+            pos = torch.arange(T, device=idx.device)[None, :].expand(B, T)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if cfg.pos == "learned":
+            x = x + self.pos_emb(pos)
+        elif cfg.pos == "sinusoidal":
+            x = x + sinusoidal_embedding(pos, cfg.n_embd).to(x.dtype)
+        rope = None
+        if cfg.pos == "rope":
+            dt = x.dtype
+            rope = (self.rope_cos[pos][:, None].to(dt), self.rope_sin[pos][:, None].to(dt))  # (B, 1, T, hd)
+        try:
+            for block in self.blocks:
+                if self.gradient_checkpointing and self.training and cache is None:
+                    from torch.utils.checkpoint import checkpoint
+
+                    x = checkpoint(block, x, rope, None, use_reentrant=False)
+                else:
+                    x = block(x, rope, cache)
+        except BaseException:
+            if cache is not None:
+                cache._step = None  # a failed forward leaves the cache lengths unchanged
+            raise
+        if cache is not None:
+            cache.end()
+        x = self.norm(x)
+        if last_only:
+            if input_lengths is None:
+                x = x[:, -1:, :]
+            else:
+                last = torch.tensor([n - 1 for n in input_lengths], device=x.device)
+                x = x[torch.arange(B, device=x.device), last][:, None, :]  # (B, 1, C)
+        if return_hidden:
+            return x
+        return F.linear(x, self.output_weight)

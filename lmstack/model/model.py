@@ -30,6 +30,7 @@ from lmstack.model.config import ModelConfig
 from lmstack.model.kv_cache import KVCache
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+_FUSED_RMS = hasattr(F, "rms_norm")
 
 
 class RMSNorm(nn.Module):
@@ -39,6 +40,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and _FUSED_RMS:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one kernel instead of six
         # Normalise in fp32 whatever the compute dtype, as the reference implementations do.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

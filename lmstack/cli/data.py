@@ -1,0 +1,61 @@
+"""Data commands: ``prepare`` (sources -> shards + report) and ``info`` (what a prepared folder holds)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from lmstack.config import load_config
+    from lmstack.data.pipeline import PrepareConfig, prepare
+
+    names = {f.name for f in dataclasses.fields(PrepareConfig)}
+    overrides = {k: v for k, v in vars(a).items() if k in names and v is not None}
+    cfg = load_config(PrepareConfig, a.config, overrides=overrides)
+    report = prepare(cfg)
+    steps = report["steps"]
+    print(f"{cfg.output}: {steps['read']['docs_in']:,} documents read, "
+          f"{sum(v.get('docs_kept', 0) for v in report['sources'].values()):,} kept")
+    for name, s in steps.items():
+        if s["docs_in"]:
+            print(f"  {name:<12} {s['docs_in']:>9,} -> {s['docs_out']:>9,} docs  "
+                  f"{s['chars_in'] / 1e6:>9.2f} -> {s['chars_out'] / 1e6:>9.2f} MB")
+    if "shards" in report:
+        for split, s in report["shards"]["splits"].items():
+            print(f"  {split}: {s['num_tokens']:,} tokens in {s['num_docs']:,} documents")
+    if report["read_errors"]:
+        print(f"  {len(report['read_errors'])} unreadable file(s)/record(s) skipped: see report.md")
+    for note in report["notes"]:
+        print(f"  note: {note}")
+    print(f"  report: {cfg.output}/report.md")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from lmstack.data.shards import read_meta
+
+    meta = read_meta(a.folder)
+    summary = {k: meta.get(k) for k in ("complete", "dtype", "eos_token_id", "vocab_size", "tokenizer",
+                                         "splits", "sources", "mixture")}
+    summary["num_shards"] = len(meta["shards"])
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from lmstack.config import add_config_args
+    from lmstack.data.pipeline import PrepareConfig
+
+    p = subparsers.add_parser("data", help="prepare pre-training data: clean, dedup, decontaminate, shard")
+    sub = p.add_subparsers(dest="verb", metavar="<verb>")
+    pp = sub.add_parser("prepare", help="run a data recipe (YAML): sources -> clean -> dedup -> "
+                                        "decontaminate -> shards + report; resumes an interrupted run")
+    pp.add_argument("config", help="YAML recipe (see recipes/data/); flags below override it")
+    add_config_args(pp, PrepareConfig, skip=("sources",))
+    pp.set_defaults(func=cmd_prepare)
+    pi = sub.add_parser("info", help="summarise a prepared folder (meta.json)")
+    pi.add_argument("folder")
+    pi.set_defaults(func=cmd_info)
+    p.set_defaults(func=lambda a: p.print_help() or 2)

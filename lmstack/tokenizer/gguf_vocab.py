@@ -1,24 +1,27 @@
 """Build a ``tokenizers.Tokenizer`` from the tokenizer metadata inside a GGUF file.
 
-Two GGUF tokenizer models are supported, the ones llama.cpp calls BPE and SPM:
+Supported ``tokenizer.ggml.model`` values:
 
-* ``tokenizer.ggml.model = "gpt2"``: byte-level BPE. Tokens are stored in GPT-2's
-  printable byte alphabet ("Ġ" for a space), with ranked ``tokenizer.ggml.merges``.
-  ``tokenizer.ggml.pre`` names the pre-tokenizer, i.e. the list of regexes that cut the text
-  into words before BPE runs on each word (table ``PRE_TOKENIZER_SPLITS`` below, the same
-  patterns llama.cpp's ``llama-vocab.cpp`` uses for each name).
-* ``tokenizer.ggml.model = "llama"``: SentencePiece BPE with per-token scores and byte
-  fallback (``<0xNN>`` tokens). SentencePiece merges the adjacent pair whose result has the
-  highest score; we turn that into an ordinary ranked merge list (every way of splitting a
-  vocabulary token into two vocabulary tokens, ranked by the score of the result), which
-  the ``tokenizers`` BPE model then applies the same way.
+* ``"gpt2"``: byte-level BPE. Tokens are stored in GPT-2's printable byte alphabet ("Ġ" for
+  a space), with ranked ``tokenizer.ggml.merges``. ``tokenizer.ggml.pre`` names the
+  pre-tokenizer, i.e. the list of regexes that cut the text into words before BPE runs on
+  each word (``PRE_TOKENIZER_SPLITS`` below: the patterns llama.cpp's ``llama-vocab.cpp``
+  uses for each name).
+* ``"llama"``: SentencePiece BPE with per-token scores and byte fallback (``<0xNN>``).
+  SentencePiece merges the adjacent pair whose result has the highest score; we turn that
+  into an ordinary ranked merge list (every way of splitting a vocabulary token into two
+  vocabulary tokens, ranked by the score of the result), which the ``tokenizers`` BPE model
+  applies the same way.
+* ``"gemma4"``: SentencePiece-style BPE whose merges are written out in the file.
+* ``"bert"``: WordPiece with BERT's uncased normalisation.
 
 Token types (``tokenizer.ggml.token_type``) mark control tokens (3), which become special
 added tokens, and user-defined tokens (4), which become added tokens matched whole in text.
 
-Deliberately left out: WordPiece (``bert``), Unigram (``t5``) and the newer ``gemma4``
-tokenizer models; they raise ``UnsupportedError``. Nothing here unpickles anything: GGUF
-metadata is plain typed arrays read by ``gguf.GGUFReader``.
+Metadata comes from ``read_metadata`` (a direct parse of the GGUF key/value header: typed
+numbers and UTF-8 strings, nothing unpickled) or from an already-open ``gguf.GGUFReader``.
+Deliberately left out: the Unigram (``t5``), RWKV and other tokenizer models, and
+pre-tokenizer names not in ``PRE_TOKENIZER_SPLITS``; they raise ``UnsupportedError``.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ _NFC = {"qwen2"}
 # llama.cpp adds BOS by default for these pre-tokenizers when add_bos_token is absent.
 _ADD_BOS_DEFAULT = {"llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral"}
 
-SUPPORTED_MODELS = ("gpt2", "llama", "bert")
+SUPPORTED_MODELS = ("gpt2", "llama", "gemma4", "bert")
 
 
 @dataclass
@@ -259,14 +262,16 @@ def read_vocab(source: Any, where: str = "GGUF file") -> GGUFVocab:
 
     model = get("tokenizer.ggml.model")
     if model is None or "tokenizer.ggml.tokens" not in fields:
+        found = sorted(fields)[:6]
         raise LMStackError(
-            f"{where}: has no tokenizer metadata (tokenizer.ggml.model/tokens missing); "
-            f"expected a GGUF written by llama.cpp's converters with a {'/'.join(SUPPORTED_MODELS)} tokenizer"
+            f"{where}: has no tokenizer metadata (tokenizer.* keys found: {found or 'none'}); expected "
+            f"tokenizer.ggml.model and tokenizer.ggml.tokens, as llama.cpp's converters write for a "
+            f"{'/'.join(SUPPORTED_MODELS)} tokenizer"
         )
     add_bos = get("tokenizer.ggml.add_bos_token")
     add_eos = get("tokenizer.ggml.add_eos_token")
     add_space = get("tokenizer.ggml.add_space_prefix")
-    return GGUFVocab(
+    vocab = GGUFVocab(
         model=str(model),
         tokens=get("tokenizer.ggml.tokens"),
         token_types=[int(t) for t in get("tokenizer.ggml.token_type", [])],
@@ -285,6 +290,14 @@ def read_vocab(source: Any, where: str = "GGUF file") -> GGUFVocab:
         add_space_prefix=None if add_space is None else bool(add_space),
         chat_template=get("tokenizer.chat_template"),
     )
+    if vocab.model == "bert":  # llama.cpp uses [CLS] as BOS and [SEP] as EOS for WordPiece
+        if vocab.bos_token_id is None:
+            vocab.bos_token_id = vocab.cls_token_id
+        if vocab.eos_token_id is None:
+            vocab.eos_token_id = vocab.sep_token_id
+        if vocab.add_eos_token is None:
+            vocab.add_eos_token = True
+    return vocab
 
 
 def _unique_vocab(tokens: list[str]) -> dict[str, int]:
@@ -328,6 +341,16 @@ def _added_tokens(vocab: GGUFVocab) -> list[Any]:
     return [tok for _, tok in sorted(added, key=lambda x: x[0])]
 
 
+def _split_merges(vocab: GGUFVocab, where: str) -> list[tuple[str, str]]:
+    merges = []
+    for m in vocab.merges:
+        left, sep, right = m.partition(" ")
+        if not sep:
+            raise LMStackError(f"{where}: malformed merge {m!r} (expected 'left right')")
+        merges.append((left, right))
+    return merges
+
+
 def build_hf_tokenizer(vocab: GGUFVocab, where: str = "GGUF file") -> Any:
     """The ``tokenizers.Tokenizer`` equivalent to llama.cpp's tokenizer for this vocabulary."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -339,13 +362,7 @@ def build_hf_tokenizer(vocab: GGUFVocab, where: str = "GGUF file") -> Any:
                 f"{where}: byte-level BPE pre-tokenizer {pre!r} is not supported; "
                 f"supported: {', '.join(sorted(PRE_TOKENIZER_SPLITS))}"
             )
-        merges = []
-        for m in vocab.merges:
-            left, sep, right = m.partition(" ")
-            if not sep:
-                raise LMStackError(f"{where}: malformed merge {m!r} (expected 'left right')")
-            merges.append((left, right))
-        bpe = models.BPE(vocab=_unique_vocab(vocab.tokens), merges=merges,
+        bpe = models.BPE(vocab=_unique_vocab(vocab.tokens), merges=_split_merges(vocab, where),
                          ignore_merges=pre in _IGNORE_MERGES)
         tok = Tokenizer(bpe)
         if pre in _NFC:
@@ -374,6 +391,16 @@ def build_hf_tokenizer(vocab: GGUFVocab, where: str = "GGUF file") -> Any:
             steps.append(decoders.Strip(" ", 1, 0))
         tok.decoder = decoders.Sequence(steps)
         add_bos_default = True
+    elif vocab.model == "gemma4":
+        # SentencePiece-style BPE ("▁" for spaces, <0xNN> byte fallback) with the merges
+        # written out in the file and no space prefix.
+        bpe = models.BPE(vocab=_unique_vocab(vocab.tokens), merges=_split_merges(vocab, where),
+                         unk_token=vocab.tokens[vocab.unk_token_id] if vocab.unk_token_id is not None else None,
+                         fuse_unk=True, byte_fallback=True)
+        tok = Tokenizer(bpe)
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        add_bos_default = True
     elif vocab.model == "bert":
         # llama.cpp's converter writes word-initial WordPiece tokens as "▁word" and
         # continuations without their "##"; "[CLS]"-style tokens stay as they are.
@@ -389,19 +416,17 @@ def build_hf_tokenizer(vocab: GGUFVocab, where: str = "GGUF file") -> Any:
                                                     strip_accents=None, lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
-        vocab = replace(vocab, tokens=pieces,
-                        bos_token_id=vocab.bos_token_id if vocab.bos_token_id is not None else vocab.cls_token_id,
-                        eos_token_id=vocab.eos_token_id if vocab.eos_token_id is not None else vocab.sep_token_id,
-                        add_eos_token=True if vocab.add_eos_token is None else vocab.add_eos_token)
+        vocab = replace(vocab, tokens=pieces)
         add_bos_default = True
     else:
         raise UnsupportedError(
             f"{where}: tokenizer model {vocab.model!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_MODELS)} (byte-level BPE and SentencePiece BPE)"
+            f"supported: {', '.join(SUPPORTED_MODELS)}"
         )
 
-    tok.add_special_tokens([t for t in _added_tokens(vocab) if t.special])
-    tok.add_tokens([t for t in _added_tokens(vocab) if not t.special])
+    added = _added_tokens(vocab)
+    tok.add_special_tokens([t for t in added if t.special])
+    tok.add_tokens([t for t in added if not t.special])
 
     add_bos = add_bos_default if vocab.add_bos_token is None else vocab.add_bos_token
     add_eos = bool(vocab.add_eos_token)

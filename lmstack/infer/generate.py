@@ -33,7 +33,7 @@ class TokenEvent:
     logprob: Optional[float] = None
 
 
-class _StopMatcher:
+class StopMatcher:
     """Holds back text that may begin a stop string; finds the earliest full stop string."""
 
     def __init__(self, stops: Sequence[str]):
@@ -65,7 +65,8 @@ class _StopMatcher:
         return out
 
 
-def _stop_ids(tokenizer, params: SamplingParams) -> set[int]:
+def stop_ids(tokenizer, params: SamplingParams) -> set[int]:
+    """Token ids that end a row: the request's own, plus the tokenizer's unless ignore_eos."""
     ids = set(params.stop_token_ids)
     if tokenizer is not None and not params.ignore_eos:
         ids |= set(tokenizer.stop_token_ids)
@@ -99,9 +100,9 @@ def stream_generate(
     if seeds is None:
         seeds = [None if params.seed is None else params.seed + b for b in range(B)]
     gens = make_generators(list(seeds), device)
-    stop_ids = _stop_ids(tokenizer, params)
+    stops = stop_ids(tokenizer, params)
     decoders = [tokenizer.decoder() if tokenizer is not None else None for _ in range(B)]
-    matchers = [_StopMatcher(params.stop) for _ in range(B)]
+    matchers = [StopMatcher(params.stop) for _ in range(B)]
     seen = [torch.tensor(list(p), dtype=torch.long, device=device) for p in prompts]
     track_seen = params.repetition_penalty != 1.0
 
@@ -126,7 +127,7 @@ def stream_generate(
                 continue
             tok = toks[b]
             lp = float(logp[b, tok]) if logp is not None else None
-            if tok in stop_ids:
+            if tok in stops:
                 active[b] = False
                 tail, _ = matchers[b].feed(decoders[b].flush() if decoders[b] else "")
                 yield TokenEvent(b, tok, tail + matchers[b].finish(), "stop", lp)

@@ -86,7 +86,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)
     mass_before = probs.cumsum(-1) - probs  # mass of strictly better tokens
-    drop_sorted = mass_before >= p  # the top token always stays
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False  # the top token always stays (even when p underflows in fp32)
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

@@ -57,6 +57,19 @@ class KVCache:
                 raise ValueError(f"rollback: row {b} has {self.lengths[b]} positions, cannot drop {k}")
             self.lengths[b] -= k
 
+    def rows(self, n: int) -> "KVCache":
+        """A cache over rows ``0..n-1`` that shares storage with this one (writes go through).
+
+        Its ``lengths`` list is its own: copy it back after a forward
+        (``cache.lengths[:n] = view.lengths``). A serving engine uses this to run only the
+        occupied prefix of its slots.
+        """
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [t[:n] for t in self.k], [t[:n] for t in self.v]
+        view.max_len, view.batch_size, view.sliding_window = self.max_len, n, self.sliding_window
+        view.lengths, view._step = self.lengths[:n], None
+        return view
+
     def reorder(self, src: Sequence[int]) -> None:
         """Row ``b`` becomes a copy of row ``src[b]`` (beam search keeps the surviving beams)."""
         index = torch.tensor(list(src), device=self.device)

@@ -1,0 +1,30 @@
+"""``lmstack serve``: the OpenAI-compatible server over the continuous-batching engine."""
+
+from __future__ import annotations
+
+import argparse
+
+from lmstack.config import add_config_args, config_from_args, load_config
+
+
+def register(sub) -> None:
+    from lmstack.serve.config import ServeConfig
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, embeddings, metrics)",
+                       description="Serve a model over an OpenAI-compatible API with continuous batching. "
+                                   "Every flag is a ServeConfig field; --config reads them from YAML.")
+    p.add_argument("--config", default=None, help="YAML file of ServeConfig fields (flags override it)")
+    add_config_args(p, ServeConfig)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from lmstack.serve.config import ServeConfig
+    from lmstack.serve.server import serve
+
+    base = {}
+    if a.config:
+        from dataclasses import asdict
+
+        base = asdict(load_config(ServeConfig, a.config))
+    return serve(config_from_args(ServeConfig, a, base))

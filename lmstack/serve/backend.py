@@ -1,0 +1,342 @@
+"""Backends behind the HTTP layer: the local engine, or an OpenAI-compatible upstream.
+
+A backend turns a validated request into a ``Job``: ``prepare_*`` checks what only the
+model can check (prompt length against the context, token ids, the JSON schema) and raises
+``APIError`` (a 4xx with the field named); ``start`` submits it (``QueueFull`` becomes a
+429); ``events`` yields ``Delta`` s, one per choice per step, which the server formats as
+SSE chunks or folds into one response. Streaming and non-streaming share this path, so
+the streamed deltas always concatenate to the non-streamed text.
+
+Tool calls: with ``tools`` and ``tool_choice`` other than ``none``, the output is
+constrained to ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (required or a
+named function) or to that or plain text (``auto``), and the call is returned as OpenAI
+``tool_calls`` whose arguments follow the tool's JSON schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
+
+from lmstack.errors import LMStackError, UnsupportedError
+from lmstack.infer.engine import Engine, EngineRequest, QueueFull, RequestHandle
+from lmstack.infer.sampling import SamplingParams
+from lmstack.serve.protocol import MAX_STOP, ChatRequest, CompletionRequest
+
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+class APIError(Exception):
+    """An error for the client: HTTP status, OpenAI error type, and the offending field."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 type: str = "invalid_request_error", headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type = status, message, param, type
+        self.headers = headers or {}
+
+
+@dataclass
+class Delta:
+    index: int  # choice index
+    text: str = ""
+    n_tokens: int = 0
+    finish_reason: Optional[str] = None
+    logprobs: list[dict] = field(default_factory=list)  # {"token", "logprob", "top": [(token, logprob)]}
+    tool_calls: Optional[list[dict]] = None
+
+
+@dataclass
+class Job:
+    requests: list[EngineRequest]
+    prompt_tokens: int
+    tool_mode: Optional[str] = None  # None | "auto" | "required"
+    handles: list[RequestHandle] = field(default_factory=list)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(h.completion_tokens for h in self.handles)
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
+
+
+def _sampling(req, max_tokens: int, seed: Optional[int], want_logprobs: bool) -> SamplingParams:
+    if req.presence_penalty or req.frequency_penalty:
+        name = "presence_penalty" if req.presence_penalty else "frequency_penalty"
+        raise APIError(400, f"{name}: only 0 is supported; use repetition_penalty (lmstack extension)", name)
+    if req.logit_bias:
+        raise APIError(400, "logit_bias: not supported by this server", "logit_bias")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP or any(not s for s in stop):
+        raise APIError(400, f"stop: expected up to {MAX_STOP} non-empty strings, got {stop!r}"[:300], "stop")
+    return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
+                          stop=stop, repetition_penalty=req.repetition_penalty, logprobs=want_logprobs)
+
+
+class LocalBackend:
+    """The in-process engine over an lmstack model."""
+
+    def __init__(self, engine: Engine, tokenizer, model_name: str, request_timeout: Optional[float] = None):
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.request_timeout = request_timeout
+        self._grammars = None
+        self._encoder = None
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.max_seq_len
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def health(self, watchdog_s: float) -> tuple[bool, dict]:
+        stalled = self.engine.stalled_for()
+        ok = self.engine.alive and stalled <= watchdog_s
+        return ok, {"engine_alive": self.engine.alive, "stalled_s": round(stalled, 3), "watchdog_s": watchdog_s}
+
+    def grammars(self):
+        if self._grammars is None:
+            from lmstack.infer.engine_grammar import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer)
+        return self._grammars
+
+    # -- preparing requests ------------------------------------------------------------------
+    def _max_tokens(self, requested: Optional[int], n_prompt: int, field_name: str) -> int:
+        ctx = self.context_length
+        if requested is None:
+            if n_prompt >= ctx:
+                raise APIError(400, f"this model's context is {ctx} tokens and the prompt has {n_prompt} tokens, "
+                                    "which leaves no room for output", "messages" if field_name != "max_tokens" else "prompt")
+            return ctx - n_prompt
+        if n_prompt + requested > ctx:
+            raise APIError(400, f"this model's context is {ctx} tokens, but the prompt has {n_prompt} tokens and "
+                                f"{field_name} is {requested} ({n_prompt + requested} in total); shorten the prompt "
+                                f"or lower {field_name}", field_name)
+        return requested
+
+    def _deadline(self) -> Optional[float]:
+        return time.monotonic() + self.request_timeout if self.request_timeout else None
+
+    def prepare_completion(self, req: CompletionRequest) -> Job:
+        if req.echo:
+            raise APIError(400, "echo: not supported by this server", "echo")
+        if req.suffix:
+            raise APIError(400, "suffix: not supported by this server", "suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, f"best_of: only best_of == n is supported (got best_of={req.best_of}, n={req.n})", "best_of")
+        p = req.prompt
+        if isinstance(p, str):
+            prompts: list[Any] = [p]
+        elif p and all(isinstance(x, int) for x in p):
+            prompts = [p]
+        else:
+            prompts = list(p)
+        if not prompts:
+            raise APIError(400, "prompt: got an empty list, expected a string, strings or token ids", "prompt")
+        if len(prompts) * req.n > 64:
+            raise APIError(400, f"prompt: {len(prompts)} prompts x n={req.n} is more than 64 choices", "prompt")
+        vocab = self.engine.model.config.vocab_size
+        ids_list = []
+        for i, x in enumerate(prompts):
+            ids = self.tokenizer.encode(x, add_special_tokens=True) if isinstance(x, str) else list(x)
+            if not ids:
+                raise APIError(400, f"prompt[{i}]: empty prompt (0 tokens), expected at least one token", "prompt")
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"prompt[{i}]: token id {bad[0]} is not in [0, {vocab})", "prompt")
+            ids_list.append(ids)
+        want = req.logprobs is not None
+        reqs = []
+        for ids in ids_list:
+            max_new = self._max_tokens(req.max_tokens, len(ids), "max_tokens")
+            for j in range(req.n):
+                seed = None if req.seed is None else req.seed + j
+                reqs.append(EngineRequest(ids, _sampling(req, max_new, seed, want), top_logprobs=req.logprobs or 0,
+                                          deadline=self._deadline()))
+        return Job(reqs, sum(len(x) for x in ids_list))
+
+    def prepare_chat(self, req: ChatRequest) -> Job:
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer, so it cannot chat", "messages")
+        messages = []
+        for i, m in enumerate(req.messages):
+            d: dict[str, Any] = {"role": m.role, "content": m.text() or ""}
+            if m.role == "developer":
+                d["role"] = "system"
+            if m.tool_calls:
+                d["tool_calls"] = [{"id": c.id, "type": "function",
+                                    "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                   for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                d["name"] = m.name
+            messages.append(d)
+        grammar, tool_mode = None, None
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+        choice = req.tool_choice
+        if choice is not None and not tools and choice != "none":
+            raise APIError(400, "tool_choice: given without tools", "tool_choice")
+        if tools and choice != "none":
+            if req.response_format is not None and req.response_format.type != "text":
+                raise APIError(400, "response_format: cannot be combined with tools; use one or the other",
+                               "response_format")
+            names = [t["function"]["name"] for t in tools]
+            if len(set(names)) != len(names):
+                raise APIError(400, f"tools: function names must be unique, got {names}", "tools")
+            if choice is not None and not isinstance(choice, str):
+                if choice.function.name not in names:
+                    raise APIError(400, f"tool_choice: function {choice.function.name!r} is not in tools {names}",
+                                   "tool_choice")
+                tools = [t for t in tools if t["function"]["name"] == choice.function.name]
+            tool_mode = "required" if choice is not None and choice != "auto" else "auto"
+            try:
+                grammar = self.grammars().tool_calls(tools, required=tool_mode == "required",
+                                                     open_tag=TOOL_OPEN, close_tag=TOOL_CLOSE)
+            except UnsupportedError as e:
+                raise APIError(400, str(e), "tools") from None
+        elif req.response_format is not None and req.response_format.type != "text":
+            rf = req.response_format
+            try:
+                if rf.type == "json_object":
+                    grammar = self.grammars().json_object()
+                else:
+                    if rf.json_schema is None or rf.json_schema.schema_ is None:
+                        raise APIError(400, "response_format.json_schema.schema: required when type is json_schema",
+                                       "response_format.json_schema")
+                    grammar = self.grammars().json_schema(rf.json_schema.schema_, "response_format.json_schema.schema")
+            except UnsupportedError as e:
+                raise APIError(400, str(e), "response_format.json_schema.schema") from None
+        try:
+            ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools or None)
+        except LMStackError as e:
+            raise APIError(400, f"messages: {e}", "messages") from None
+        except Exception as e:  # a template error on odd input (jinja raises its own types)
+            raise APIError(400, f"messages: the chat template could not render them ({type(e).__name__}: {e})",
+                           "messages") from None
+        fname = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_new = self._max_tokens(requested, len(ids), fname)
+        tops = req.top_logprobs or 0
+        if tops and not req.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs to be true", "top_logprobs")
+        reqs = []
+        for j in range(req.n):
+            seed = None if req.seed is None else req.seed + j
+            reqs.append(EngineRequest(ids, _sampling(req, max_new, seed, req.logprobs), top_logprobs=tops,
+                                      grammar=grammar, deadline=self._deadline()))
+        return Job(reqs, len(ids), tool_mode)
+
+    # -- running -----------------------------------------------------------------------------
+    def start(self, job: Job) -> None:
+        try:
+            for r in job.requests:
+                job.handles.append(self.engine.submit(r))
+        except QueueFull as e:
+            job.cancel()
+            raise APIError(429, f"the server is at capacity ({e}); retry after {e.retry_after:.0f} s",
+                           type="rate_limit_error", headers={"Retry-After": str(int(e.retry_after + 0.999))}) from None
+        except LMStackError as e:
+            job.cancel()
+            raise APIError(400, str(e)) from None
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int, str]:
+        """Sentence embeddings from the embedded encoder (loaded on first use)."""
+        if self._encoder is None:
+            from lmstack.model.encoder import Encoder
+
+            try:
+                self._encoder = Encoder.load()
+            except LMStackError as e:
+                raise APIError(400, f"embeddings are not available: {e}", "model") from None
+        enc = self._encoder
+        n_tokens = sum(len(enc.tokenizer.encode(t).ids) for t in texts)
+        return enc.encode(texts).tolist(), n_tokens, "all-MiniLM-L6-v2"
+
+    def _token_str(self, tok: int) -> str:
+        return self.tokenizer.decode([tok]) if self.tokenizer is not None else str(tok)
+
+    async def events(self, job: Job) -> AsyncIterator[Delta]:
+        """Deltas of every choice as they are generated (choices interleaved)."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, h: RequestHandle) -> None:
+            try:
+                async for out in h:
+                    await merged.put((i, out))
+            except Exception as e:
+                await merged.put((i, e))
+            await merged.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(job.handles)]
+        tools = [_ToolBuffer(job.tool_mode) if job.tool_mode else None for _ in job.handles]
+        try:
+            open_ = len(tasks)
+            while open_:
+                i, out = await merged.get()
+                if out is None:
+                    open_ -= 1
+                    continue
+                if isinstance(out, Exception):
+                    raise APIError(500, f"generation failed: {out}", type="server_error")
+                reason = out.finish_reason
+                if reason in ("cancelled", "error"):
+                    raise APIError(503, f"generation was {reason}", type="server_error")
+                if reason == "deadline":
+                    reason = "length"
+                lps = []
+                if out.logprob is not None and out.token_id is not None:
+                    lps.append({"token": self._token_str(out.token_id), "logprob": out.logprob,
+                                "top": [(self._token_str(t), lp) for t, lp in (out.top_logprobs or [])]})
+                d = Delta(i, out.text, 1 if out.token_id is not None else 0, reason, lps)
+                if tools[i] is not None:
+                    d = tools[i].feed(d)
+                yield d
+        finally:
+            job.cancel()
+            for t in tasks:
+                t.cancel()
+
+
+class _ToolBuffer:
+    """Holds back tool-call text and turns ``<tool_call>{...}</tool_call>`` into ``tool_calls``."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.buffer = ""
+        self.is_call: Optional[bool] = True if mode == "required" else None
+
+    def feed(self, d: Delta) -> Delta:
+        if self.is_call is None and d.text:
+            self.is_call = (self.buffer + d.text).startswith(TOOL_OPEN[0])
+        if self.is_call is False:
+            return d
+        self.buffer += d.text
+        d.text = ""
+        if d.finish_reason is None:
+            return d
+        calls = parse_tool_calls(self.buffer)
+        if calls is None:  # cut short by max_tokens: return what was generated as text
+            d.text = self.buffer
+        else:
+            d.tool_calls, d.finish_reason = calls, "tool_calls"
+        return d
+
+
+def parse_tool_calls(text: str) -> Optional[list[dict]]:
+    text = text.strip()
+    if not (text.startswith(TOOL_OPEN) and text.endswith(TOOL_CLOSE)):
+        return None
+    try:
+        call = json.loads(text[len(TOOL_OPEN): -len(TOOL_CLOSE)])
+    except json.JSONDecodeError:
+        return None
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]

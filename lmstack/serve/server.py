@@ -1,0 +1,120 @@
+"""Running the server: load the model, start the engine, serve with uvicorn, drain on SIGTERM.
+
+``serve(cfg)`` blocks until SIGTERM/SIGINT. On the signal the server marks itself draining
+(``/ready`` turns 503 and new requests get 503), closes its listening socket, lets
+in-flight requests and streams finish for up to ``drain_timeout`` seconds, stops the
+engine, and returns 0. ``ServerThread`` runs the same server in a background thread
+(tests, benchmarks, notebooks).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Optional
+
+from lmstack.errors import LMStackError
+from lmstack.serve.app import ServerState, create_app
+from lmstack.serve.config import ServeConfig
+
+
+def build_backend(cfg: ServeConfig):
+    """Load the model named by ``cfg.model`` and start an engine over it."""
+    import torch
+
+    from lmstack.infer.engine import Engine, EngineConfig
+    from lmstack.serve.backend import LocalBackend
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ecfg = EngineConfig(max_slots=cfg.max_slots, max_seq_len=cfg.max_seq_len, token_budget=cfg.token_budget,
+                        prefill_chunk=cfg.prefill_chunk, max_queue=cfg.max_queue)
+    if cfg.model is not None and cfg.model.startswith("fake"):
+        from lmstack.infer.engine_fake import FakeModel
+        from lmstack.tokenizer.byte_level import byte_level_tokenizer
+
+        step = float(cfg.model.split(":", 1)[1]) / 1000 if ":" in cfg.model else 0.0  # fake:<ms per step>
+        model, tok, name = FakeModel(step_seconds=step), byte_level_tokenizer(), "fake"
+    else:
+        from lmstack.infer.llm import LLM
+
+        llm = LLM.load(cfg.model, dtype=cfg.dtype)
+        model, tok = llm.model, llm.tokenizer
+        name = cfg.model_name or (str(cfg.model).rstrip("/").split("/")[-1] if cfg.model else "SmolLM2-135M-Instruct")
+    engine = Engine(model, tok, ecfg).start()
+    return LocalBackend(engine, tok, cfg.model_name or name,
+                        request_timeout=cfg.request_timeout if cfg.request_timeout > 0 else None)
+
+
+def _uvicorn_server(app, cfg: ServeConfig, state: ServerState, sock=None):
+    import uvicorn
+
+    class _DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: stop accepting, drain, exit
+            state.draining = True
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # a drained SIGTERM is a clean exit (0), not death by signal
+                self._captured_signals.remove(sig)
+
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=cfg.drain_timeout, timeout_keep_alive=5, lifespan="off")
+    return _DrainingServer(config)
+
+
+def serve(cfg: ServeConfig, backend=None) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise LMStackError("lmstack serve needs fastapi and uvicorn: pip install -e '.[serve]'") from None
+    backend = backend or build_backend(cfg)
+    state = ServerState()
+    app = create_app(backend, cfg, state)
+    server = _uvicorn_server(app, cfg, state)
+    print(f"lmstack serve: {backend.model_name} on http://{cfg.host}:{cfg.port} (Ctrl-C or SIGTERM to stop)",
+          flush=True)
+    try:
+        server.run()
+    finally:
+        state.draining = True
+        if hasattr(backend, "engine"):
+            backend.engine.shutdown()
+    return 0
+
+
+class ServerThread:
+    """``with ServerThread(backend, cfg) as s: ... s.url ...``: a server on a free local port."""
+
+    def __init__(self, backend, cfg: Optional[ServeConfig] = None):
+        import socket
+
+        self.cfg = cfg or ServeConfig()
+        self.backend = backend
+        self.state = ServerState()
+        self.app = create_app(backend, self.cfg, self.state)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.cfg.host, self.cfg.port = "127.0.0.1", sock.getsockname()[1]
+        sock.close()
+        self.server = _uvicorn_server(self.app, self.cfg, self.state)
+        self.server.install_signal_handlers = lambda: None  # not the main thread
+        self._thread = threading.Thread(target=self.server.run, name="lmstack-serve", daemon=True)
+        self.url = f"http://127.0.0.1:{self.cfg.port}"
+
+    def __enter__(self) -> "ServerThread":
+        self._thread.start()
+        import time
+
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(30)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

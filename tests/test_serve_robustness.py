@@ -1,0 +1,155 @@
+"""The server under concurrency, disconnects and SIGTERM (the deterministic fake-token model)."""
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from lmstack.infer.engine_fake import expected_text  # noqa: E402
+from lmstack.serve.config import ServeConfig  # noqa: E402
+from lmstack.serve.server import ServerThread, build_backend  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def open_stream(port: int, body: dict):
+    """POST a streaming request; returns (reader, writer, request id)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data = json.dumps(body).encode()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    await writer.drain()
+    status = await reader.readline()
+    assert b" 200 " in status, status
+    rid = None
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"x-request-id:"):
+            rid = line.split(b":", 1)[1].strip().decode()
+    return reader, writer, rid
+
+
+async def next_event(reader):
+    """The next SSE data payload (chunked-encoding size lines and pings skipped); None at the end."""
+    while True:
+        line = await reader.readline()
+        if not line:
+            return None
+        if line.startswith(b"data: "):
+            payload = line[6:].strip()
+            return "[DONE]" if payload == b"[DONE]" else json.loads(payload)
+
+
+def test_64_streams_half_disconnecting_leave_nothing_running(tmp_path):
+    log = tmp_path / "requests.jsonl"
+    cfg = ServeConfig(model="fake:10", max_slots=64, max_queue=64, request_log=str(log), max_seq_len=4096)
+    rng = random.Random(0)
+    with ServerThread(build_backend(cfg), cfg) as s:
+        engine = s.backend.engine
+
+        async def client(i: int):
+            leave_at = rng.randint(1, 15) if i % 2 else None
+            body = {"prompt": "a", "max_tokens": 3000 if leave_at else 20, "stream": True}
+            reader, writer, rid = await open_stream(cfg.port, body)
+            text = ""
+            while (ev := await asyncio.wait_for(next_event(reader), 30)) not in (None, "[DONE]"):
+                text += ev["choices"][0]["text"]
+                if leave_at and len(text) == leave_at:
+                    writer.transport.abort()  # vanish mid-stream, as a killed client does
+                    return rid, len(text), time.monotonic(), None
+            writer.close()
+            return rid, len(text), time.monotonic(), text
+
+        async def main():
+            return await asyncio.gather(*(client(i) for i in range(64)))
+
+        results = asyncio.run(main())
+        last_disconnect = max(t for _, _, t, text in results if text is None)
+        deadline = last_disconnect + 1.0
+        while time.monotonic() < deadline:
+            st = engine.stats()
+            if (st["running"], st["waiting"], st["busy_slots"]) == (0, 0, 0):
+                break
+            time.sleep(0.01)
+        st = engine.stats()
+        assert (st["running"], st["waiting"], st["busy_slots"]) == (0, 0, 0), st
+        assert time.monotonic() <= deadline + 0.05
+        finished = [r for r in results if r[3] is not None]
+        assert len(finished) == 32 and all(text == expected_text(1, 20) for *_, text in finished)
+        # Every disconnected request stopped at once: tokens the server generated beyond what the
+        # client had read are at most the one already on the wire plus the one engine step running.
+        for h in engine_handles_wait(log, 64):
+            pass
+        made = {json.loads(line)["id"]: json.loads(line)["completion_tokens"] for line in log.read_text().splitlines()}
+        for rid, n_read, _, text in results:
+            if text is None:
+                assert made[rid] - n_read <= 2, (rid, n_read, made[rid])
+
+
+def engine_handles_wait(log: Path, n: int, timeout: float = 10.0):
+    """Wait until the request log has ``n`` lines (disconnected requests log once their sequence ended)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= n:
+            return []
+        time.sleep(0.02)
+    raise AssertionError(f"request log has fewer than {n} lines after {timeout} s")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_streams_then_exits_0():
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "lmstack", "serve", "--model", "fake:25", "--port", str(port),
+                             "--drain-timeout", "20"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.1)
+
+        async def main():
+            streams = [await open_stream(port, {"prompt": "a", "max_tokens": 40, "stream": True}) for _ in range(8)]
+            texts = []
+            for reader, _, _ in streams:  # every stream is running
+                texts.append((await asyncio.wait_for(next_event(reader), 20))["choices"][0]["text"])
+            proc.send_signal(signal.SIGTERM)
+            done = []
+            for (reader, writer, _), text in zip(streams, texts):
+                reasons = []
+                while (ev := await asyncio.wait_for(next_event(reader), 30)) not in (None, "[DONE]"):
+                    text += ev["choices"][0]["text"]
+                    reasons.append(ev["choices"][0]["finish_reason"])
+                done.append((text, ev, reasons[-1]))
+                writer.close()
+            return done
+
+        done = asyncio.run(main())
+        for text, last, reason in done:
+            assert last == "[DONE]" and reason == "length" and text == expected_text(1, 40)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

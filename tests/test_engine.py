@@ -224,6 +224,30 @@ def test_json_schema_grammar_output_always_validates(tiny, engine):
         assert set(doc) == {"n", "tag", "s"} and 0 <= doc["n"] <= 99 and doc["tag"] in "ab" and len(doc["s"]) <= 4
 
 
+def test_batched_grammar_masks_equal_one_row_at_a_time(tiny):
+    pytest.importorskip("llguidance")
+    from lmstack.infer.engine_grammar import BatchMasks, GrammarCompiler
+
+    gc = GrammarCompiler(tiny.tokenizer)
+    schema = {"type": "object", "properties": {"k": {"enum": ["x", "yy"]}}, "required": ["k"]}
+    assert gc.json_schema(schema) is gc.json_schema(dict(schema))  # a schema is compiled once
+    matchers = [gc.json_schema(schema).matcher() for _ in range(3)]
+    for m, text in zip(matchers[1:], ['{"k":', '{"k":"x"}']):  # three parse states, one of them finished
+        for t in tiny.tokenizer.encode(text):
+            assert m.consume(t)
+    V = tiny.model.config.vocab_size + 7  # wider than the tokenizer, as a padded model head is
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(0))
+    masks = BatchMasks()
+    try:
+        batched = masks.start(matchers).apply(logits)
+    finally:
+        masks.close()
+    one_by_one = torch.cat([m.mask_logits(logits[i: i + 1]) for i, m in enumerate(matchers)])
+    assert torch.equal(batched, one_by_one)
+    assert bool(torch.isinf(batched[:, tiny.tokenizer.vocab_size:]).all())
+    assert 0 < int(torch.isfinite(batched[0]).sum()) < V
+
+
 def test_unenforceable_schema_features_are_named(tiny):
     pytest.importorskip("llguidance")
     from lmstack.errors import UnsupportedError

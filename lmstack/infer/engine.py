@@ -201,6 +201,7 @@ class Engine:
         self.prompt_tokens_processed = 0
         self.step_seconds = 0.0
         self.error: Optional[BaseException] = None
+        self._masks = None  # engine_grammar.BatchMasks, made for the first constrained request
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -221,6 +222,8 @@ class Engine:
             self._waiting.clear()
         for s in list(self._running.values()):
             self._release(s, "cancelled")
+        if self._masks is not None:
+            self._masks.close()
 
     @property
     def alive(self) -> bool:
@@ -353,12 +356,26 @@ class Engine:
         for slot, f in feeds.items():
             idx[slot, : len(f)] = torch.tensor(f, dtype=torch.long)
             lens[slot] = len(f)
+        # Rows that draw a token this step and follow a grammar: their masks are computed in
+        # llguidance's threads while the forward runs.
+        constrained = [slot for slot, f in feeds.items() if self._running[slot].matcher is not None
+                       and (self._running[slot].last is not None
+                            or self._running[slot].n_fed + len(f) >= len(self._running[slot].prompt))]
+        masks = None
+        if constrained:
+            if self._masks is None:
+                from lmstack.infer.engine_grammar import BatchMasks
+
+                self._masks = BatchMasks()
+            masks = self._masks.start([self._running[slot].matcher for slot in constrained])
         view = self.cache.rows(n_rows)
         logits = self.model(idx.to(self.device), cache=view, input_lengths=lens, last_only=True)[:, -1]  # (n, V)
         self.cache.lengths[:n_rows] = view.lengths
         logits = logits.float()
         if self.n_valid < logits.shape[-1]:
             logits[:, self.n_valid:] = float("-inf")
+        if masks is not None:
+            logits[constrained] = masks.apply(logits[constrained])
         for slot, f in feeds.items():
             s = self._running[slot]
             if s.last is None:
@@ -373,8 +390,6 @@ class Engine:
         if s.max_new <= 0:
             self._release(s, "length")
             return
-        if s.matcher is not None:
-            row = s.matcher.mask_logits(row)
         logp = torch.log_softmax(row, -1)[0] if params.logprobs else None
         processed = process_logits(row, params, s.seen)
         if not bool(torch.isfinite(processed.max())):  # everything filtered (a top_p under fp32 rounding)

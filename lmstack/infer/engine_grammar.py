@@ -6,11 +6,13 @@
 format llguidance cannot enforce is an ``UnsupportedError`` that names it (never silently
 dropped: llguidance's ``lenient`` mode stays off). Each request gets its own matcher:
 before a token is drawn, ``mask_logits`` sets every token the grammar forbids to -inf;
-after, ``consume`` advances the parser.
+after, ``consume`` advances the parser. The engine masks a whole step at once with
+``BatchMasks``, computing the masks while the forward runs.
 
 JSON is generated compact (``,`` and ``:`` without spaces): whitespace is the one place a
-weak model can loop forever inside a valid document. Deliberately left out: regex-only
-constraints and grammar caching across requests (compiling a schema takes milliseconds).
+weak model can loop forever inside a valid document. The last 64 checked schemas
+are kept (a schema is compiled once, not per request). Deliberately left out: regex-only
+constraints.
 """
 
 from __future__ import annotations
@@ -73,6 +75,57 @@ class GrammarMatcher:
         return self._m.is_accepting()
 
 
+class BatchMasks:
+    """The grammar masks of one step's rows, computed while the model's forward runs.
+
+    ``start(matchers)`` hands the rows to llguidance's executor (its own threads, without
+    the GIL) from one helper thread and returns at once; ``apply(logits)`` waits for the
+    bitmask and masks all rows in one tensor op. A row whose parse cannot continue allows
+    only its end-of-sequence tokens.
+    """
+
+    _SHIFTS = torch.arange(32, dtype=torch.int32)
+
+    def __init__(self):
+        import concurrent.futures
+
+        import llguidance
+
+        self._executor = llguidance.LLExecutor()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmstack-grammar")
+
+    def start(self, matchers: list[GrammarMatcher]):
+        n_words = (max(m.n_vocab for m in matchers) + 31) // 32
+        bitmask = torch.zeros(len(matchers), n_words, dtype=torch.int32)  # (n, ceil(V/32)), bit j of word w: token 32w+j
+        rows = [(m._m, i) for i, m in enumerate(matchers)]
+
+        def work() -> torch.Tensor:
+            self._executor.unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), n_words * 4, len(rows))
+            return bitmask
+
+        return _Pending(self._pool.submit(work), matchers)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+class _Pending:
+    def __init__(self, future, matchers: list[GrammarMatcher]):
+        self.future, self.matchers = future, matchers
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (n, V) with every token the rows' grammars forbid at -inf."""
+        bitmask = self.future.result()
+        n, V = logits.shape
+        allowed = ((bitmask[:, :, None] >> BatchMasks._SHIFTS) & 1).bool().reshape(n, -1)  # (n, 32 * n_words)
+        if allowed.shape[1] < V:
+            allowed = torch.cat([allowed, allowed.new_zeros(n, V - allowed.shape[1])], 1)
+        allowed = allowed[:, :V]
+        for i in torch.nonzero(~allowed.any(1)).flatten().tolist():  # the parse cannot continue: end it
+            allowed[i, self.matchers[i].eos] = True
+        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
 class GrammarCompiler:
     """Turns JSON schemas and Lark grammars into ``Grammar`` s for one tokenizer."""
 
@@ -85,6 +138,7 @@ class GrammarCompiler:
         self.tokenizer = tokenizer
         self.lltok = llguidance.LLTokenizer(tokenizer.hf.to_str(), n_vocab=tokenizer.vocab_size,
                                             eos_token=sorted(tokenizer.stop_token_ids))
+        self._schemas: dict[str, Grammar] = {}  # the last 64 checked schemas
 
     def _check(self, grammar: str, field: str, description: str) -> Grammar:
         is_error, messages = self._llg.LLMatcher.validate_grammar_with_warnings(grammar, self.lltok)
@@ -98,11 +152,18 @@ class GrammarCompiler:
             schema = {} if schema else {"not": {}}
         if not isinstance(schema, dict):
             raise UnsupportedError(f"{field}: got {type(schema).__name__}, expected a JSON schema object")
+        key = json.dumps(schema, sort_keys=True)
+        if key in self._schemas:  # checked already: clients tend to send the same schema again and again
+            return self._schemas[key]
         try:
             grammar = self._llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=_JSON_OPTIONS)
         except (ValueError, TypeError) as e:
             raise UnsupportedError(f"{field}: not a valid JSON schema ({e})") from None
-        return self._check(grammar, field, "json_schema")
+        checked = self._check(grammar, field, "json_schema")
+        if len(self._schemas) >= 64:
+            self._schemas.pop(next(iter(self._schemas)))
+        self._schemas[key] = checked
+        return checked
 
     def json_object(self) -> Grammar:
         return self.json_schema({"type": "object"}, "response_format")

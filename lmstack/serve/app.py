@@ -77,7 +77,7 @@ def _error_body(message: str, type: str = "invalid_request_error", param: Option
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-_ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 429, 503)}
+_ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 429, 502, 503, 504)}
 _KNOWN_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/ready",
                 "/metrics", "/")
 
@@ -242,6 +242,14 @@ def create_app(backend, config: Optional[ServeConfig] = None, state: Optional[Se
     async def run(kind: str, req, request: Request):
         t0 = time.monotonic()
         key = admit(request)
+        if hasattr(backend, "relay"):  # an OpenAI-compatible upstream answers; this server guards and records
+            rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+            def log(status, counts, ttft, reasons, text):
+                log_request(rid, request.url.path, key, status, counts, t0, ttft, reasons, req, text)
+
+            return await backend.relay(kind, req, request, t0=t0, key=key, metrics=metrics, state=state, log=log,
+                                       keepalive_s=cfg.keepalive_s)
         job = backend.prepare_chat(req) if kind == "chat" else backend.prepare_completion(req)
         backend.start(job)
         metrics.prompt_tokens.inc(job.prompt_tokens)
@@ -326,7 +334,8 @@ def create_app(backend, config: Optional[ServeConfig] = None, state: Optional[Se
                             choice = {"index": d.index, "text": d.text, "logprobs": logprobs_payload(d),
                                       "finish_reason": d.finish_reason}
                         if d.finish_reason:
-                            reasons[d.index] = d.finish_reason
+                            reasons[d.index] = d.logged_reason
+                            metrics.finish_reasons.inc(reason=d.logged_reason)
                         yield chunk([choice])
                     if include_usage:
                         yield chunk([], usage=usage())
@@ -358,6 +367,7 @@ def create_app(backend, config: Optional[ServeConfig] = None, state: Optional[Se
         reasons: list[Optional[str]] = [None] * n_choices
         lps: list[list] = [[] for _ in range(n_choices)]
         calls: list[Optional[list]] = [None] * n_choices
+        logged: list[Optional[str]] = [None] * n_choices
 
         async def collect():
             async for d in backend.events(job):
@@ -368,6 +378,8 @@ def create_app(backend, config: Optional[ServeConfig] = None, state: Optional[Se
                     calls[d.index] = d.tool_calls
                 if d.finish_reason:
                     reasons[d.index] = d.finish_reason
+                    logged[d.index] = d.logged_reason
+                    metrics.finish_reasons.inc(reason=d.logged_reason)
 
         state.in_flight += 1
         task = asyncio.ensure_future(collect())
@@ -392,7 +404,7 @@ def create_app(backend, config: Optional[ServeConfig] = None, state: Optional[Se
             job.cancel()
             state.in_flight -= 1
             log_request(rid, request.url.path, key, status, job, t0, timing["ttft"],
-                        {i: r for i, r in enumerate(reasons)}, req, texts)
+                        {i: r for i, r in enumerate(logged)}, req, texts)
         choices = []
         for i in range(n_choices):
             lp = logprobs_payload(Delta(i, logprobs=lps[i]))

@@ -48,6 +48,12 @@ class Delta:
     finish_reason: Optional[str] = None
     logprobs: list[dict] = field(default_factory=list)  # {"token", "logprob", "top": [(token, logprob)]}
     tool_calls: Optional[list[dict]] = None
+    deadline: bool = False  # ended by the per-request deadline (finish_reason says "length")
+
+    @property
+    def logged_reason(self) -> Optional[str]:
+        """The reason for the log and metrics: "deadline" is kept apart from "length"."""
+        return "deadline" if self.deadline else self.finish_reason
 
 
 @dataclass
@@ -290,12 +296,13 @@ class LocalBackend:
                 if reason in ("cancelled", "error"):
                     raise APIError(503, f"generation was {reason}", type="server_error")
                 if reason == "deadline":
-                    reason = "length"
+                    reason = "length"  # what OpenAI clients know; the log and metrics keep "deadline"
                 lps = []
                 if out.logprob is not None and out.token_id is not None:
                     lps.append({"token": self._token_str(out.token_id), "logprob": out.logprob,
                                 "top": [(self._token_str(t), lp) for t, lp in (out.top_logprobs or [])]})
-                d = Delta(i, out.text, 1 if out.token_id is not None else 0, reason, lps)
+                d = Delta(i, out.text, 1 if out.token_id is not None else 0, reason, lps,
+                          deadline=out.finish_reason == "deadline")
                 if tools[i] is not None:
                     d = tools[i].feed(d)
                 yield d

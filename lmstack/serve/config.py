@@ -28,4 +28,7 @@ class ServeConfig:
     drain_timeout: float = field(default=30.0, metadata={"help": "on SIGTERM, seconds to let in-flight requests finish"})
     request_log: Optional[str] = field(default=None, metadata={"help": "append one JSON line per request to this file"})
     log_prompts: bool = field(default=False, metadata={"help": "include prompts and outputs in the request log"})
+    upstream: Optional[str] = field(default=None, metadata={"help": "front this OpenAI-compatible base URL (e.g. a vLLM server's http://host:8000/v1) instead of loading a model"})
+    upstream_api_key: Optional[str] = field(default=None, metadata={"help": "API key sent to the upstream (Authorization: Bearer)"})
+    upstream_model: Optional[str] = field(default=None, metadata={"help": "model name sent to the upstream (default: the client's)"})
     embeddings: bool = field(default=True, metadata={"help": "serve /v1/embeddings with the embedded encoder"})

@@ -84,6 +84,8 @@ class ServerMetrics:
         self.errors = Counter("lmstack_errors_total", "Requests that ended in an error, by kind.")
         self.prompt_tokens = Counter("lmstack_prompt_tokens_total", "Prompt tokens of admitted requests.")
         self.generation_tokens = Counter("lmstack_generation_tokens_total", "Tokens generated.")
+        self.finish_reasons = Counter("lmstack_finish_reasons_total",
+                                      "Finished choices by why they ended (deadline: the per-request deadline).")
         self.ttft = Histogram("lmstack_time_to_first_token_seconds", "Time from request to first token.")
         self.itl = Histogram("lmstack_inter_token_latency_seconds", "Time between consecutive tokens of a stream.")
         self.e2e = Histogram("lmstack_request_duration_seconds", "Time from request to its last token.")
@@ -96,7 +98,7 @@ class ServerMetrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        for m in (self.requests, self.errors, self.prompt_tokens, self.generation_tokens,
+        for m in (self.requests, self.errors, self.prompt_tokens, self.generation_tokens, self.finish_reasons,
                   self.ttft, self.itl, self.e2e, *self.gauges):
             lines += m.render()
         return "\n".join(lines) + "\n"

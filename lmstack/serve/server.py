@@ -13,18 +13,26 @@ import signal
 import threading
 from typing import Optional
 
-from lmstack.errors import LMStackError
+from lmstack.errors import ConfigError, LMStackError
 from lmstack.serve.app import ServerState, create_app
 from lmstack.serve.config import ServeConfig
 
 
 def build_backend(cfg: ServeConfig):
-    """Load the model named by ``cfg.model`` and start an engine over it."""
+    """Load the model named by ``cfg.model`` and start an engine over it (or front ``cfg.upstream``)."""
     import torch
 
     from lmstack.infer.engine import Engine, EngineConfig
     from lmstack.serve.backend import LocalBackend
 
+    if cfg.upstream:
+        if cfg.model is not None:
+            raise ConfigError(f"model: got {cfg.model!r} together with upstream {cfg.upstream!r}; give one of them")
+        from lmstack.serve.upstream import UpstreamBackend
+
+        return UpstreamBackend(cfg.upstream, api_key=cfg.upstream_api_key, model=cfg.upstream_model,
+                               model_name=cfg.model_name, request_timeout=cfg.request_timeout or None,
+                               max_concurrency=cfg.max_slots, max_queue=cfg.max_queue)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ecfg = EngineConfig(max_slots=cfg.max_slots, max_seq_len=cfg.max_seq_len, token_budget=cfg.token_budget,

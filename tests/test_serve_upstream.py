@@ -81,7 +81,7 @@ def test_openai_client_through_the_proxy_streaming_and_not(servers, tmp_path):
     m = parse_metrics(request(px.url, "GET", "/metrics")[2])
     assert m["lmstack_generation_tokens_total"] == 5 + 5 + 4 + 4
     assert m['lmstack_finish_reasons_total{reason="length"}'] == 4
-    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    recs = [json.loads(x) for x in _log_lines(log, 4)]
     assert [r["status"] for r in recs] == [200, 200, 200, 200, 401, 400][: len(recs)] and len(recs) >= 4
     assert {r["key"] for r in recs[:4]} == {"alice"} and recs[1]["completion_tokens"] == 5
 
@@ -126,6 +126,15 @@ def test_upstream_5xx_is_mapped_and_never_crashes(servers):
     assert request(px.url, "GET", "/ready")[0] == 200
 
 
+def _log_lines(log, n: int, timeout: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and len(lines := log.read_text().splitlines()) >= n:
+            return lines
+        time.sleep(0.02)
+    raise AssertionError(f"request log {log.name} has fewer than {n} lines after {timeout} s")
+
+
 def test_slow_upstream_hits_the_deadline(servers, tmp_path):
     log = tmp_path / "proxy.jsonl"
     up = servers(model="fake:50")  # 50 ms a token
@@ -136,7 +145,7 @@ def test_slow_upstream_hits_the_deadline(servers, tmp_path):
     text = "".join(ch.text for ev in events for ch in ev.choices)
     assert 0 < len(text) < 500 and text == expected_text(1, len(text))
     assert [ch.finish_reason for ev in events for ch in ev.choices if ch.finish_reason] == ["length"]
-    rec = json.loads(log.read_text().splitlines()[-1])
+    rec = json.loads(_log_lines(log, 1)[-1])  # written just after the stream's last chunk
     assert rec["finish_reasons"] == {"0": "deadline"} and rec["status"] == 200
     assert parse_metrics(request(px.url, "GET", "/metrics")[2])['lmstack_finish_reasons_total{reason="deadline"}'] == 1
 

@@ -228,6 +228,8 @@ def create_app(backend, config: Optional[ServeConfig] = None, state: Optional[Se
                "completion_tokens": job.completion_tokens if job else 0,
                "latency_s": round(time.monotonic() - t0, 4), "ttft_s": None if ttft is None else round(ttft, 4),
                "finish_reasons": reasons}
+        if job is not None and getattr(job, "tokens_after_cancel", None) is not None:
+            rec["tokens_after_cancel"] = job.tokens_after_cancel
         if cfg.log_prompts and req is not None:
             rec["request"] = req.model_dump(mode="json", exclude_none=True)
             rec["output"] = text

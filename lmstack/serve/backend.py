@@ -67,6 +67,12 @@ class Job:
     def completion_tokens(self) -> int:
         return sum(h.completion_tokens for h in self.handles)
 
+    @property
+    def tokens_after_cancel(self) -> Optional[int]:
+        """Tokens generated after the server cancelled this job (None if it never did)."""
+        late = [h.completion_tokens - h.tokens_at_cancel for h in self.handles if h.tokens_at_cancel is not None]
+        return sum(late) if late else None
+
     def cancel(self) -> None:
         for h in self.handles:
             h.cancel()

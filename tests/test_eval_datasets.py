@@ -12,7 +12,7 @@ from lmstack.eval import datasets as D
 def test_every_shipped_set_loads_with_its_documented_size():
     sizes = {name: len(loader()) for name, loader in D.SHIPPED.items()}
     assert sizes == {"qa": 32, "passages": 24, "summarization": 24, "translation": 30,
-                     "multiple_choice": 30, "code": 12}
+                     "multiple_choice": 30, "code": 12, "pairwise": 12}
     assert len(list(D.HERE.glob("*.jsonl"))) == len(D.SHIPPED)
 
 

@@ -1,4 +1,4 @@
-"""``lmstack eval``: run suites, score files, check gates, run code problems, list data sets."""
+"""``lmstack eval``: run suites, compare runs, score files, perplexity, gates, code problems, data sets."""
 
 from __future__ import annotations
 
@@ -13,12 +13,34 @@ def register(subparsers) -> None:
 
     run = sub.add_parser("run", help="run a suite YAML against a model; exit 1 when a gate fails")
     run.add_argument("suite", help="suite YAML (see docs/eval.md)")
-    run.add_argument("--model", required=True, help="model name or path for lmstack.infer.LLM")
-    run.add_argument("--judge", help="judge model for 'judge' tasks (default: the model itself)")
-    run.add_argument("--out", default="eval-out", help="folder for report.json and report.md")
+    run.add_argument("--model", required=True, help="model path or preset (or, with --base-url, the served model name)")
+    run.add_argument("--adapter", help="a LoRA / PEFT adapter folder to attach to the local model")
+    run.add_argument("--name", help="the model's name in the report (default: --model as given)")
+    run.add_argument("--base-url", help="an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    run.add_argument("--api-key", help="API key for --base-url (default: $OPENAI_API_KEY)")
+    run.add_argument("--judge", help="judge model path for 'judge' tasks (default: the model itself)")
+    run.add_argument("--out", default="eval-out", help="folder for report.json, report.md, report.html, scores.png")
+    run.add_argument("--cache", help="output cache file (default: OUT/cache.jsonl); re-runs reuse it")
+    run.add_argument("--no-cache", action="store_true", help="do not read or write the output cache")
+    run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--baseline", help="previous report.json for regression gates (overrides the suite's)")
     run.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
     run.set_defaults(func=_run)
+
+    cmp = sub.add_parser("compare", help="paired significance of the differences between two runs")
+    cmp.add_argument("a", help="report.json of run A (the reference)")
+    cmp.add_argument("b", help="report.json of run B")
+    cmp.add_argument("--resamples", type=int, default=1000)
+    cmp.set_defaults(func=_compare)
+
+    pp = sub.add_parser("perplexity", help="perplexity and bits per byte of a text file (sliding window)")
+    pp.add_argument("file", help="a UTF-8 text file (one text), or .jsonl with a 'text' field per row")
+    pp.add_argument("--model", help="model path or preset (default: the embedded model)")
+    pp.add_argument("--adapter", help="a LoRA / PEFT adapter folder")
+    pp.add_argument("--window", type=int, help="tokens per window (default: the model's context)")
+    pp.add_argument("--stride", type=int, help="window step (default: window // 2)")
+    pp.add_argument("--batch-size", type=int, default=8)
+    pp.set_defaults(func=_perplexity)
 
     sc = sub.add_parser("score", help="score a predictions file against references (one text per line)")
     sc.add_argument("--predictions", required=True)
@@ -100,19 +122,53 @@ def _run(args) -> int:
     if args.limit:
         for t in suite.tasks:
             t.limit = args.limit
-    try:
-        from lmstack.infer import LLM
-    except ImportError:
-        from lmstack.errors import UnsupportedError
+    import os
+    from pathlib import Path
 
-        raise UnsupportedError("lmstack eval run needs lmstack.infer.LLM, which this installation lacks") from None
-    model = LLMModel(LLM.load(args.model))
-    judge = LLMModel(LLM.load(args.judge)) if args.judge else model
-    report = run_suite(suite, model, args.model, judge)
+    from lmstack.eval.cache import OutputCache
+    from lmstack.eval.models import load_model
+
+    model = load_model(args.model, args.adapter, args.base_url, args.api_key or os.environ.get("OPENAI_API_KEY"),
+                       args.batch_size)
+    judge = LLMModel.load(args.judge, batch_size=args.batch_size) if args.judge else model
+    cache = OutputCache(None if args.no_cache else (args.cache or Path(args.out) / "cache.jsonl"))
+    name = args.name or args.model + (f" + adapter {args.adapter}" if args.adapter else "")
+    report = run_suite(suite, model, name, judge, cache=cache)
     json_path, md_path = report.write(args.out)
     print(report.to_markdown())
-    print(f"wrote {json_path} and {md_path}")
+    print(f"wrote {json_path}, {md_path} and report.html")
     return _print_gates(report.gates)
+
+
+def _compare(args) -> int:
+    from lmstack.eval.report import compare_markdown, compare_reports, load_report
+
+    a, b = load_report(args.a), load_report(args.b)
+    diffs, notes = compare_reports(a, b, args.resamples)
+    print(compare_markdown(diffs, notes, args.a, args.b), end="")
+    return 0
+
+
+def _perplexity(args) -> int:
+    from pathlib import Path
+
+    from lmstack.errors import LMStackError
+    from lmstack.eval import datasets as D
+    from lmstack.eval.lm_metrics import perplexity
+    from lmstack.eval.models import load_model
+
+    p = Path(args.file)
+    if not p.is_file():
+        raise LMStackError(f"{p} not found (expected a UTF-8 text file or a .jsonl with a 'text' field)")
+    if p.suffix == ".jsonl":
+        texts = [r.get("text", "") for r in D.read_jsonl(p)]
+    else:
+        texts = [p.read_text(encoding="utf-8")]
+    model = load_model(args.model, args.adapter, batch_size=args.batch_size)
+    r = perplexity(model.llm, texts, args.window, args.stride, args.batch_size)
+    print(json.dumps({"perplexity": r.perplexity, "bits_per_byte": r.bits_per_byte, "nll": r.nll,
+                      "tokens": r.n_tokens, "bytes": r.n_bytes, "texts": len(texts)}, indent=2))
+    return 0
 
 
 def _code(args) -> int:

@@ -10,6 +10,8 @@ Shipped sets (JSONL, one object per line, original text written for lmstack):
   ``source_lang``, ``target_lang``.
 * ``multiple_choice.jsonl`` (30): ``id``, ``subject``, ``question``, ``choices`` (list),
   ``answer`` (index of the correct choice).
+* ``pairwise.jsonl`` (12): ``id``, ``question``, ``answer_1``, ``answer_2``, ``label`` (the
+  better answer, "1" or "2"): a labelled fixture for pairwise judges.
 * ``code.jsonl`` (12): HumanEval's schema: ``task_id``, ``prompt``, ``canonical_solution``,
   ``test`` (defines ``check(candidate)``), ``entry_point``.
 
@@ -113,6 +115,24 @@ def read_jsonl(path: PathLike) -> list[dict]:
                 raise LMStackError(f"{p}:{n}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows
+
+
+@dataclass
+class PairwiseItem:
+    id: str
+    question: str
+    answer_1: str
+    answer_2: str
+    label: Optional[str] = None  # "1", "2" or "tie"
+
+
+def load_pairwise(path: Optional[PathLike] = None) -> list[PairwiseItem]:
+    rows, where = _rows(path, "pairwise.jsonl")
+    items = [_build(PairwiseItem, r, f"{where}:{n}") for n, r in enumerate(rows, 1)]
+    for n, it in enumerate(items, 1):
+        if it.label not in (None, "1", "2", "tie"):
+            raise LMStackError(f"{where}:{n}: label {it.label!r}, expected '1', '2' or 'tie'")
+    return items
 
 
 def _build(cls, row: dict, where: str, aliases: Optional[dict[str, str]] = None):
@@ -266,4 +286,5 @@ SHIPPED = {
     "translation": load_translation,
     "multiple_choice": load_multiple_choice,
     "code": load_code_problems,
+    "pairwise": load_pairwise,
 }

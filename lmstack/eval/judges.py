@@ -1,0 +1,371 @@
+"""LLM judges on any harness model (a local ``LLMModel`` or an ``OpenAIModel`` endpoint).
+
+* ``ask``: one prompt per item, parse the reply; a reply that does not parse is asked again
+  (``retries`` times, with seed + attempt and a temperature of at least ``retry_temperature``,
+  since a greedy judge would repeat itself), then recorded as an error: never silently scored.
+* ``pointwise``: a rubric grade 1-5 (mapped to [0, 1]).
+* ``pairwise``: A-vs-B in both orders (Zheng et al. 2023, "Judging LLM-as-a-judge", sec. 3.4):
+  a verdict counts only when it survives the swap, else it is a tie; ``PairwiseSummary``
+  reports the consistency, the position-bias rate (the judge picked the same *position* both
+  times) and the agreement with human labels.
+* ``g_eval``: rubric + evaluation steps + a form to fill (Liu et al. 2023, "G-Eval", eq. 1):
+  ``score = sum_i p(s_i) * s_i`` over the judge's next-token probabilities of "1".."5" when it
+  exposes them (``option_probs``), else the parsed integer.
+* ``DAG``: a graph of small yes/no checks with a declared decision path to a score.
+* SelfCheckGPT (Manakul et al. 2023): ``selfcheck_ngram`` (unigram model over the sampled
+  answers and the answer itself, eq. 9-10) and ``selfcheck_bertscore`` (eq. 8).
+* ``seed_spread``: a judge's mean and standard deviation across seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+from lmstack.errors import ConfigError
+
+
+@dataclass
+class JudgeCall:
+    value: Optional[object]  # the parsed value; None when every attempt failed
+    replies: list[str]
+    error: Optional[str] = None
+
+
+def _generate(model, prompts: list[str], max_new_tokens: int, temperature: float, seed: int, chat: bool) -> list[str]:
+    if hasattr(model, "generate_batch"):
+        return model.generate_batch(prompts, max_new_tokens, temperature, seeds=[seed] * len(prompts), chat=chat)
+    ask = model.chat if chat else model.generate
+    return [ask(p, max_new_tokens, temperature) for p in prompts]
+
+
+def ask(model, prompts: Sequence[str], parse: Callable[[str], Optional[object]], seed: int = 0, retries: int = 2,
+        chat: bool = True, max_new_tokens: int = 64, temperature: float = 0.0,
+        retry_temperature: float = 0.7) -> list[JudgeCall]:
+    """Ask each prompt, parse each reply, retry the failures; batched per attempt."""
+    calls = [JudgeCall(None, []) for _ in prompts]
+    todo = list(range(len(prompts)))
+    for attempt in range(retries + 1):
+        if not todo:
+            break
+        temp = temperature if attempt == 0 else max(temperature, retry_temperature)
+        replies = _generate(model, [prompts[i] for i in todo], max_new_tokens, temp, seed + attempt, chat)
+        still = []
+        for i, reply in zip(todo, replies):
+            calls[i].replies.append(reply)
+            value = parse(reply)
+            if value is None:
+                still.append(i)
+            else:
+                calls[i].value = value
+        todo = still
+    for i in todo:
+        calls[i].error = f"unparseable after {retries + 1} attempts: {calls[i].replies[-1][:80]!r}"
+    return calls
+
+
+def parse_score(text: str, low: int = 1, high: int = 5) -> Optional[int]:
+    """The first integer in [low, high] in the reply (a bare digit or 'Score: 4'); None if none."""
+    m = re.search(rf"\b([{low}-{high}])\b", text)
+    return int(m.group(1)) if m else None
+
+
+def parse_choice(text: str) -> Optional[str]:
+    """'A', 'B' or 'tie' from a pairwise verdict; None when the reply names neither clearly."""
+    t = text.strip()
+    m = re.match(r"^\W*(?:response|answer|assistant)?\s*\[?\(?([AB])\b", t, re.IGNORECASE)
+    if m:
+        return m.group(1).upper()
+    m = re.search(r"\[\[(A|B|C)\]\]", t)
+    if m:
+        return {"A": "A", "B": "B", "C": "tie"}[m.group(1)]
+    if re.match(r"^\W*tie\b", t, re.IGNORECASE):
+        return "tie"
+    return None
+
+
+def parse_yes_no(text: str) -> Optional[bool]:
+    m = re.match(r"^\W*(yes|no)\b", text.strip(), re.IGNORECASE)
+    return None if m is None else m.group(1).lower() == "yes"
+
+
+# -- pointwise -------------------------------------------------------------------------------
+
+POINTWISE_PROMPT = (
+    "You are grading an answer. Rubric: {rubric}\n\nQuestion: {input}\n{reference_line}Answer: {answer}\n\n"
+    "Reply with one integer from 1 (worst) to 5 (best), then a short reason.\nScore:")
+DEFAULT_RUBRIC = "5 = fully correct and faithful to the reference; 3 = partly correct; 1 = wrong or off-topic."
+
+
+def pointwise(model, inputs: Sequence[str], answers: Sequence[str], references: Optional[Sequence[str]] = None,
+              rubric: str = DEFAULT_RUBRIC, seed: int = 0, chat: bool = True, temperature: float = 0.0,
+              retries: int = 2) -> list[JudgeCall]:
+    """A 1-5 grade per answer; ``value`` is mapped to [0, 1] as (grade - 1) / 4."""
+    refs = references if references is not None else [None] * len(answers)
+    prompts = [POINTWISE_PROMPT.format(rubric=rubric, input=q, answer=a,
+                                       reference_line=f"Reference answer: {r}\n" if r else "")
+               for q, a, r in zip(inputs, answers, refs)]
+    calls = ask(model, prompts, parse_score, seed, retries, chat, 24, temperature)
+    for c in calls:
+        if c.value is not None:
+            c.value = (c.value - 1) / 4
+    return calls
+
+
+# -- pairwise --------------------------------------------------------------------------------
+
+PAIRWISE_PROMPT = (
+    "Which response answers the question better? Reply with A or B only.\n\nQuestion: {question}\n\n"
+    "Response A: {a}\n\nResponse B: {b}\n\nBetter response:")
+
+
+@dataclass
+class PairwiseVerdict:
+    winner: Optional[str]  # "1", "2" or "tie" (inconsistent across the swap); None on error
+    first_order: Optional[str]  # raw "A"/"B"/"tie" with answer 1 shown first
+    swapped_order: Optional[str]  # raw verdict with answer 2 shown first
+    error: Optional[str] = None
+
+
+@dataclass
+class PairwiseSummary:
+    n: int
+    n_errors: int
+    consistency: float  # share of verdicts that survive the swap
+    position_bias: float  # share where the judge picked the same position in both orders
+    first_position_rate: float  # share of raw verdicts that picked the first-shown response
+    agreement: Optional[float] = None  # winner == human label, over labelled items
+    verdicts: list[PairwiseVerdict] = field(default_factory=list)
+
+
+_FIRST = {"A": "1", "B": "2", "tie": "tie"}
+_SWAPPED = {"A": "2", "B": "1", "tie": "tie"}  # in the swapped order, A shows answer 2
+
+
+def _combine(first: Optional[str], swapped: Optional[str]) -> Optional[str]:
+    if first is None or swapped is None:
+        return None
+    return _FIRST[first] if _FIRST[first] == _SWAPPED[swapped] else "tie"
+
+
+def _consistent(v: "PairwiseVerdict") -> bool:
+    return _FIRST[v.first_order] == _SWAPPED[v.swapped_order]
+
+
+def pairwise(model, questions: Sequence[str], answers_1: Sequence[str], answers_2: Sequence[str],
+             labels: Optional[Sequence[Optional[str]]] = None, seed: int = 0, chat: bool = True,
+             retries: int = 2, prompt: str = PAIRWISE_PROMPT) -> PairwiseSummary:
+    """Judge each pair in both orders; ``labels[i]`` is the human winner "1", "2" or "tie"."""
+    n = len(questions)
+    first = ask(model, [prompt.format(question=q, a=a, b=b) for q, a, b in zip(questions, answers_1, answers_2)],
+                parse_choice, seed, retries, chat, 8)
+    swapped = ask(model, [prompt.format(question=q, a=b, b=a) for q, a, b in zip(questions, answers_1, answers_2)],
+                  parse_choice, seed, retries, chat, 8)
+    verdicts = []
+    for f, s in zip(first, swapped):
+        err = f.error or s.error
+        verdicts.append(PairwiseVerdict(_combine(f.value, s.value), f.value, s.value, err))
+    ok = [v for v in verdicts if v.error is None]
+    raw = [x for v in ok for x in (v.first_order, v.swapped_order) if x != "tie"]
+    decided = [v for v in ok if v.first_order != "tie" and v.swapped_order != "tie"]
+    same_pos = sum(v.first_order == v.swapped_order for v in decided)
+    agreement = None
+    if labels is not None:
+        pairs = [(v.winner, lab) for v, lab in zip(verdicts, labels) if lab is not None and v.error is None]
+        agreement = sum(w == lab for w, lab in pairs) / len(pairs) if pairs else None
+    return PairwiseSummary(
+        n=n, n_errors=n - len(ok),
+        consistency=sum(_consistent(v) for v in ok) / len(ok) if ok else 0.0,
+        position_bias=same_pos / len(decided) if decided else 0.0,
+        first_position_rate=sum(x == "A" for x in raw) / len(raw) if raw else 0.0,
+        agreement=agreement, verdicts=verdicts)
+
+
+# -- G-Eval ----------------------------------------------------------------------------------
+
+G_EVAL_PROMPT = (
+    "You will be given one {output_kind} written for a {source_kind}. Your task is to rate the "
+    "{output_kind} on one metric.\n\nEvaluation criteria:\n{criterion}: {criteria}\n\n"
+    "Evaluation steps:\n{steps}\n\n{source_kind_title}:\n{source}\n\n{output_kind_title}:\n{output}\n\n"
+    "Evaluation form (scores ONLY):\n- {criterion} (1-5):")
+
+
+@dataclass
+class GEvalConfig:
+    criterion: str = "Coherence"
+    criteria: str = "the collective quality of all sentences: well-structured, well-organised, on topic."
+    steps: list[str] = field(default_factory=lambda: [
+        "Read the source carefully and identify its main points.",
+        "Read the output and check that it covers them in a clear, logical order.",
+        "Assign a score from 1 to 5."])
+    source_kind: str = "source text"
+    output_kind: str = "summary"
+
+
+def g_eval(model, sources: Sequence[str], outputs: Sequence[str], cfg: GEvalConfig = GEvalConfig(),
+           seed: int = 0, chat: bool = True, retries: int = 2) -> list[JudgeCall]:
+    """G-Eval score in [1, 5] per item: probability-weighted when the judge exposes next-token
+    probabilities (``option_probs``), else the parsed integer (with retries)."""
+    prompts = [G_EVAL_PROMPT.format(
+        output_kind=cfg.output_kind, source_kind=cfg.source_kind, criterion=cfg.criterion, criteria=cfg.criteria,
+        steps="\n".join(f"{i}. {s}" for i, s in enumerate(cfg.steps, 1)),
+        source_kind_title=cfg.source_kind.capitalize(), output_kind_title=cfg.output_kind.capitalize(),
+        source=s, output=o) for s, o in zip(sources, outputs)]
+    options = ["1", "2", "3", "4", "5"]
+    calls: list[Optional[JudgeCall]] = [None] * len(prompts)
+    rest = []
+    for i, p in enumerate(prompts):
+        probs = model.option_probs(p, options, chat) if hasattr(model, "option_probs") else None
+        if probs is None:
+            rest.append(i)
+        else:
+            calls[i] = JudgeCall(weighted_score(probs), [f"probs={[round(x, 4) for x in probs]}"])
+    for i, c in zip(rest, ask(model, [prompts[i] for i in rest], parse_score, seed, retries, chat, 8)):
+        calls[i] = c
+    return calls  # type: ignore[return-value]
+
+
+def weighted_score(probs: Sequence[float], scores: Sequence[float] = (1, 2, 3, 4, 5)) -> float:
+    """G-Eval eq. 1: ``sum_i p(s_i) s_i`` with the probabilities renormalised over the scores."""
+    z = sum(probs)
+    if z <= 0:
+        raise ConfigError("g_eval: the score probabilities sum to 0")
+    return sum(p * s for p, s in zip(probs, scores)) / z
+
+
+# -- DAG judge -------------------------------------------------------------------------------
+
+@dataclass
+class DAGNode:
+    id: str
+    question: str  # a yes/no check, a str.format template over the item's fields
+    yes: Union[str, float]  # the next node's id, or a terminal score
+    no: Union[str, float]
+
+
+@dataclass
+class DAG:
+    nodes: list[DAGNode]
+    root: str
+
+    def __post_init__(self) -> None:
+        ids = {n.id for n in self.nodes}
+        if len(ids) != len(self.nodes):
+            raise ConfigError("dag: node ids must be unique")
+        if self.root not in ids:
+            raise ConfigError(f"dag: root {self.root!r} is not a node; nodes are {sorted(ids)}")
+        for n in self.nodes:
+            for branch in (n.yes, n.no):
+                if isinstance(branch, str) and branch not in ids:
+                    raise ConfigError(f"dag: node {n.id!r} points to {branch!r}, which is not a node")
+        by_id = {n.id: n for n in self.nodes}
+
+        def visit(i: str, stack: tuple) -> None:  # a cycle would never reach a score
+            if i in stack:
+                raise ConfigError(f"dag: cycle {' -> '.join(stack + (i,))}")
+            for b in (by_id[i].yes, by_id[i].no):
+                if isinstance(b, str):
+                    visit(b, stack + (i,))
+
+        visit(self.root, ())
+
+
+YES_NO_PROMPT = "{question}\nAnswer yes or no.\nAnswer:"
+
+
+def dag_judge(model, dag: DAG, items: Sequence[dict], seed: int = 0, chat: bool = True,
+              retries: int = 2) -> list[tuple[Optional[float], list[tuple[str, bool]], Optional[str]]]:
+    """Walk ``dag`` for each item: (score, decision path [(node id, answer)], error)."""
+    by_id = {n.id: n for n in dag.nodes}
+    state = [(dag.root, []) for _ in items]  # current node (or terminal score), path so far
+    out: list = [None] * len(items)
+    while any(o is None for o in out):
+        live = [i for i, o in enumerate(out) if o is None]
+        prompts = [YES_NO_PROMPT.format(question=by_id[state[i][0]].question.format(**items[i])) for i in live]
+        for i, call in zip(live, ask(model, prompts, parse_yes_no, seed, retries, chat, 4)):
+            node_id, path = state[i]
+            if call.value is None:
+                out[i] = (None, path, f"node {node_id!r}: {call.error}")
+                continue
+            path = path + [(node_id, bool(call.value))]
+            nxt = by_id[node_id].yes if call.value else by_id[node_id].no
+            if isinstance(nxt, str):
+                state[i] = (nxt, path)
+            else:
+                out[i] = (float(nxt), path, None)
+    return out
+
+
+# -- SelfCheckGPT ----------------------------------------------------------------------------
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def selfcheck_ngram(sentences: Sequence[str], samples: Sequence[str]) -> list[tuple[float, float]]:
+    """Per sentence ``(avg, max)`` of ``-log p~(w)`` under a unigram model with add-one smoothing,
+    fitted on the sampled answers and the checked sentences (SelfCheckGPT eq. 9-10). Higher
+    means less supported by the samples (more likely hallucinated)."""
+    counts = Counter(w for t in list(samples) + list(sentences) for w in _words(t))
+    total, vocab = sum(counts.values()), len(counts) + 1
+    out = []
+    for s in sentences:
+        nll = [-math.log((counts[w] + 1) / (total + vocab)) for w in _words(s)]
+        out.append((sum(nll) / len(nll), max(nll)) if nll else (0.0, 0.0))
+    return out
+
+
+def selfcheck_bertscore(sentences: Sequence[str], samples: Sequence[str],
+                        bertscore_f1: Optional[Callable[[list[str], list[str]], list[float]]] = None) -> list[float]:
+    """Per sentence ``1 - mean_n max_k BERTScore-F1(r_i, s_k^n)`` (SelfCheckGPT eq. 8): 0 when
+    every sample contains a matching sentence, towards 1 when none does."""
+    if bertscore_f1 is None:
+        from lmstack.eval.bertscore import bertscore_scores
+
+        def bertscore_f1(p, r):
+            return bertscore_scores(p, r)["f1"]
+
+    sample_sents = [split_sentences(s) or [s] for s in samples]
+    preds, refs, where = [], [], []
+    for i, r in enumerate(sentences):
+        for n, ss in enumerate(sample_sents):
+            for s in ss:
+                preds.append(r)
+                refs.append(s)
+                where.append((i, n))
+    f1 = bertscore_f1(preds, refs) if preds else []
+    best: dict[tuple[int, int], float] = {}
+    for key, v in zip(where, f1):
+        best[key] = max(best.get(key, -1.0), v)
+    N = len(samples)
+    return [1 - sum(best[(i, n)] for n in range(N)) / N for i in range(len(sentences))]
+
+
+def selfcheck(model, prompt: str, answer: str, n_samples: int = 5, temperature: float = 1.0, seed: int = 0,
+              chat: bool = True, max_new_tokens: int = 128, variant: str = "ngram") -> list[float]:
+    """Sample ``n_samples`` answers to ``prompt`` and score each sentence of ``answer`` against
+    them: ``variant`` "ngram" (avg -log p) or "bertscore"."""
+    samples = []
+    for k in range(n_samples):
+        samples += _generate(model, [prompt], max_new_tokens, temperature, seed + k, chat)
+    sentences = split_sentences(answer)
+    if variant == "ngram":
+        return [avg for avg, _ in selfcheck_ngram(sentences, samples)]
+    if variant == "bertscore":
+        return selfcheck_bertscore(sentences, samples)
+    raise ConfigError(f"selfcheck: variant={variant!r}, expected 'ngram' or 'bertscore'")
+
+
+def seed_spread(per_seed: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation) of a judge's score across seeds (0 std for one seed)."""
+    if not per_seed:
+        raise ConfigError("seed_spread: no seeds")
+    return statistics.fmean(per_seed), statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0

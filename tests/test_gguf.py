@@ -83,6 +83,7 @@ def test_second_load_uses_the_cache_quickly(smollm2_gguf, smollm2, lmstack_cache
     assert torch.equal(again.logits(x), smollm2.logits(x))
 
 
+@pytest.mark.slow
 def test_corrupt_cache_is_rebuilt(smollm2_gguf, smollm2, lmstack_cache, monkeypatch, tmp_path):
     from lmstack.model import gguf_loader
 

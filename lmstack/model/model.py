@@ -92,7 +92,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.sliding_window = cfg.sliding_window
 
-    def forward(self, x, rope, cache: Optional[KVCache]) -> torch.Tensor:
+    def forward(self, x, rope, cache: Optional[KVCache], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -103,6 +103,11 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
             st = cache._step
             mask, causal = st["mask"], st["causal"]
+        elif mask is not None:  # packed rows: (B, 1, T, T) block-diagonal causal mask
+            causal = False
+            if self.sliding_window is not None and T > self.sliding_window:
+                i = torch.arange(T, device=x.device)
+                mask = mask & (i[None, :] > i[:, None] - self.sliding_window)
         else:
             mask, causal = None, T > 1
             if self.sliding_window is not None and T > self.sliding_window:
@@ -151,8 +156,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, cache):
-        x = x + self.attn(self.attn_norm(x), rope, cache)
+    def forward(self, x, rope, cache, mask=None):
+        x = x + self.attn(self.attn_norm(x), rope, cache, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -208,6 +213,7 @@ class Transformer(nn.Module):
         input_lengths: Optional[Sequence[int]] = None,
         last_only: bool = False,
         return_hidden: bool = False,
+        doc_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)`` for token ids ``idx`` ``(B, T)``.
 
@@ -215,7 +221,9 @@ class Transformer(nn.Module):
         right-padded, with ``input_lengths[b]`` real tokens. ``last_only`` returns the logits
         of the last real token of each row only, ``(B, 1, vocab_size)`` (saves the vocab
         projection during prefill). ``return_hidden`` returns the final normed hidden states
-        ``(B, T, n_embd)`` instead of logits.
+        ``(B, T, n_embd)`` instead of logits. ``doc_ids`` ``(B, T)`` (training on packed rows,
+        no cache) restricts attention to tokens of the same document and restarts positions
+        at each document.
         """
         cfg = self.config
         B, T = idx.shape
@@ -227,6 +235,14 @@ class Transformer(nn.Module):
 
                 raise LMStackError(f"sequence of {T} tokens is longer than block_size {cfg.block_size}")
             pos = torch.arange(T, device=idx.device)[None, :].expand(B, T)
+        mask = None
+        if doc_ids is not None and cache is None:
+            t = torch.arange(T, device=idx.device)
+            new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
+            new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            pos = t - torch.where(new_doc, t, 0).cummax(dim=1).values  # (B, T) position within its document
+            same = doc_ids[:, :, None] == doc_ids[:, None, :]
+            mask = (same & (t[None, :] <= t[:, None]))[:, None]  # (B, 1, T, T)
         x = self.tok_emb(idx)  # (B, T, C)
         if cfg.pos == "learned":
             x = x + self.pos_emb(pos)
@@ -241,9 +257,9 @@ class Transformer(nn.Module):
                 if self.gradient_checkpointing and self.training and cache is None:
                     from torch.utils.checkpoint import checkpoint
 
-                    x = checkpoint(block, x, rope, None, use_reentrant=False)
+                    x = checkpoint(block, x, rope, None, mask, use_reentrant=False)
                 else:
-                    x = block(x, rope, cache)
+                    x = block(x, rope, cache, mask)
         except BaseException:
             if cache is not None:
                 cache._step = None  # a failed forward leaves the cache lengths unchanged

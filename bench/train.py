@@ -1,0 +1,233 @@
+"""Training benchmarks: pre-training throughput/MFU and LoRA/QLoRA step time and peak memory.
+
+    .venv/bin/python bench/train.py                 # every case, 2 threads, prints a Markdown table
+    .venv/bin/python bench/train.py --case lora-peft # one case (what the driver runs per process)
+
+Each case runs in its own process (so peak memory is that case's alone) with glibc told to
+return freed blocks to the OS (MALLOC_MMAP_THRESHOLD_), and peak memory is the highest RSS
+sampled every 2 ms during the timed steps. Step time is the median of the timed steps after
+one warm-up step.
+
+* ``pretrain-*``: random token batches through ``Transformer`` + AdamW (fwd, bwd, step);
+  MFU = achieved FLOPs (6N + attention, PaLM app. B) / the measured 1024^3 matmul throughput
+  in the same dtype on the same threads.
+* ``lora-lmstack`` vs ``lora-peft``: SmolLM2-135M-Instruct (the embedded GGUF, exported to a
+  Hugging Face folder so both sides load the same fp32 weights), r=8, alpha=16, all seven
+  linear projections, batch of 8 examples of the shipped instruction set (right-padded, loss
+  on assistant tokens, no attention mask on either side), fp32, AdamW.
+* ``qlora-lmstack`` / ``qlora8-lmstack``: the same with the frozen base in group-wise int4 / int8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+CASES = ["pretrain-llama-10m-float32", "pretrain-llama-10m-bfloat16", "pretrain-gpt2-124m-float32",
+         "pretrain-gpt2-124m-bfloat16", "lora-lmstack", "lora-peft", "qlora-lmstack", "qlora8-lmstack",
+         "lora-ckpt-lmstack", "lora-ckpt-peft", "qlora-ckpt-lmstack"]
+
+
+class PeakRSS:
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def _timed_steps(step, n_steps: int) -> tuple[float, int, int]:
+    step()  # warm-up
+    base = PeakRSS().rss()
+    times = []
+    with PeakRSS() as mem:
+        for _ in range(n_steps):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times), mem.peak, base
+
+
+def case_pretrain(name: str, dtype: str, steps: int) -> dict:
+    import torch
+
+    from lmstack.model import Transformer, preset
+    from lmstack.train.common import flops_per_token, peak_flops
+
+    torch.manual_seed(0)
+    cfg = preset(name)
+    model = Transformer(cfg)
+    B, T = (8, 256) if cfg.num_params() < 50e6 else (4, 256)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    x = torch.randint(0, cfg.vocab_size, (B, T + 1))
+    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = model(x[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sec, peak, base = _timed_steps(step, steps)
+    tps = B * T / sec
+    fpt = flops_per_token(cfg, model.num_params(), T)
+    pk = peak_flops("cpu", dt)
+    return {"case": f"pretrain {name} {dtype}", "params_M": model.num_params() / 1e6, "tokens_per_step": B * T,
+            "step_s": sec, "tokens_per_s": tps, "achieved_gflops": tps * fpt / 1e9, "matmul_peak_gflops": pk / 1e9,
+            "mfu": tps * fpt / pk, "peak_rss_mib": peak / 2**20}
+
+
+def _sft_batch(tok):
+    import torch
+
+    from lmstack.train.chat_data import collate, encode_dataset, read_jsonl
+
+    enc = encode_dataset(tok, read_jsonl("builtin:instruct-train")[:8], 512)
+    b = collate(enc, tok.pad_token_id or 0)
+    return b["inputs"], b["targets"], torch.cat([b["inputs"][:, :1], b["targets"]], 1)
+
+
+def case_lora_lmstack(method: str, steps: int, bits: str = "int4", ckpt: bool = False) -> dict:
+    import torch
+
+    from lmstack import LLM
+    from lmstack.peft import PEFTConfig, apply_peft, param_counts
+    from lmstack.train.common import token_loss_sum
+
+    base_rss = PeakRSS().rss()
+    llm = LLM.load()
+    model, tok = llm.model, llm.tokenizer
+    torch.manual_seed(0)
+    apply_peft(model, PEFTConfig(method=method, r=8, alpha=16, quant_bits=bits, group_size=64))
+    model.gradient_checkpointing = ckpt
+    model.train()
+    inputs, targets, _ = _sft_batch(tok)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
+
+    def step():
+        s, n = token_loss_sum(model, inputs, targets)
+        (s / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sec, peak, _ = _timed_steps(step, steps)
+    label = {"lora": "LoRA lmstack", "qlora": f"QLoRA ({bits}) lmstack"}[method]
+    label += " + activation checkpointing" if ckpt else ""
+    return {"case": label, "trainable": param_counts(model)[0], "tokens_per_step": inputs.numel(),
+            "step_s": sec, "peak_rss_mib": peak / 2**20, "rss_before_load_mib": base_rss / 2**20}
+
+
+def case_lora_peft(steps: int, ckpt: bool = False) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lmstack import LLM
+
+    with tempfile.TemporaryDirectory() as d:
+        llm = LLM.load()
+        tok = llm.tokenizer
+        llm.save(d, format="hf")
+        del llm
+        base_rss = PeakRSS().rss()
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"]))
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    inputs, _, labels = _sft_batch(tok)
+    ids = labels.clone()
+    ids[:, 1:] = inputs  # the full sequence; labels = the same ids with -100 off the assistant tokens
+    labels = torch.where(labels == -100, labels, ids)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
+
+    def step():
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sec, peak, _ = _timed_steps(step, steps)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    label = "LoRA transformers+PEFT" + (" + activation checkpointing" if ckpt else "")
+    return {"case": label, "trainable": trainable, "tokens_per_step": inputs.numel(),
+            "step_s": sec, "peak_rss_mib": peak / 2**20, "rss_before_load_mib": base_rss / 2**20}
+
+
+def run_case(name: str, steps: int) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    if name.startswith("pretrain-"):
+        parts = name[len("pretrain-"):].rsplit("-", 1)
+        return case_pretrain(parts[0], parts[1], steps)
+    if name.endswith("-peft"):
+        return case_lora_peft(steps, ckpt="-ckpt" in name)
+    if name == "qlora8-lmstack":
+        return case_lora_lmstack("qlora", steps, "int8")
+    return case_lora_lmstack(name.split("-")[0], steps, ckpt="-ckpt" in name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", choices=CASES)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--only", nargs="*", help="cases to run (default: all)")
+    ap.add_argument("--out", help="write all results as JSON here")
+    args = ap.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.steps)))
+        return
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "2"}
+    results = []
+    for c in args.only or CASES:
+        p = subprocess.run([sys.executable, __file__, "--case", c, "--steps", str(args.steps)], env=env,
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            print(f"{c}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
+            continue
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    print("\n| case | step (s) | tokens/s | MFU | peak RSS (MiB) |\n|---|---|---|---|---|")
+    for r in results:
+        tps = r.get("tokens_per_s", r["tokens_per_step"] / r["step_s"])
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+        print(f"| {r['case']} | {r['step_s']:.2f} | {tps:,.0f} | {mfu} | {r['peak_rss_mib']:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""LoRA: a low-rank update beside a frozen linear layer (Hu et al. 2021, eq. 3).
+
+    h = W0 x + (alpha / r) * B A x,   A: (r, in), B: (out, r), B initialised to zero
+
+``LoRALinear`` replaces an ``nn.Linear`` (or a ``lmstack.quant.QuantLinear``: QLoRA,
+Dettmers et al. 2023) in place. It adopts the base layer's own tensors under their own
+names, so ``blocks.0.attn.q_proj.weight`` stays the key of the frozen weight and a base
+checkpoint loads unchanged; only ``lora_A`` and ``lora_B`` are new. ``merge`` folds the update
+into ``W0`` and ``unmerge`` takes it out again (exactly when ``keep_base_copy``, else up to
+float rounding). Deliberately left out: DoRA / rsLoRA scaling variants and LoRA on embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmstack.errors import UnsupportedError
+
+
+class LoRALinear(nn.Module):
+    peft_params = ("lora_A", "lora_B")
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 keep_base_copy: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.bits: Optional[str] = getattr(base, "bits", None)
+        self.group_size: int = getattr(base, "group_size", 0)
+        if self.bits is None:
+            self.weight = base.weight  # the same Parameter object: the key and storage are unchanged
+            self.weight.requires_grad_(False)
+            dtype = self.weight.dtype
+        else:
+            self.register_buffer("weight", base.weight)
+            self.register_buffer("scales", base.scales)
+            dtype = torch.float32
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.keep_base_copy = keep_base_copy
+        self._base_copy: Optional[torch.Tensor] = None
+        self.merged = False
+        self.disabled = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """``(alpha / r) * B A``, shape ``(out, in)``."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits is None:
+            return F.linear(x, self.weight, self.bias)
+        from lmstack.quant.linear import quantized_linear
+
+        return quantized_linear(x, self.weight, self.scales, self.bias, self.bits, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_forward(x)
+        if self.disabled:
+            return y - F.linear(x, self.delta_weight().to(x.dtype)) if self.merged else y
+        if self.merged:
+            return y
+        a = F.linear(self.dropout(x), self.lora_A)  # (B, T, r)
+        # y + scaling * a B^T as one GEMM that accumulates into y: no separate (B, T, out)
+        # multiply and add, forward or backward.
+        out = torch.addmm(y.reshape(-1, self.out_features), a.reshape(-1, self.r), self.lora_B.t(),
+                          alpha=self.scaling)
+        return out.view(y.shape)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        if self.bits is not None:
+            raise UnsupportedError("cannot merge LoRA into a quantised base in place; use "
+                                   "merge_and_unload(), which dequantises first")
+        if self.keep_base_copy:
+            self._base_copy = self.weight.detach().clone()
+        self.weight += self.delta_weight().to(self.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        if self._base_copy is not None:
+            self.weight.copy_(self._base_copy)
+            self._base_copy = None
+        else:
+            self.weight -= self.delta_weight().to(self.weight.dtype)
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``W0 + (alpha / r) B A`` (dequantised for QLoRA)."""
+        if self.bits is None:
+            w = self.weight.detach().clone()
+        else:
+            from lmstack.quant.linear import dequantize
+
+            w = dequantize(self.weight, self.scales, self.bits, self.group_size, self.lora_A.dtype)
+        if not self.merged:
+            w = w + self.delta_weight().to(w.dtype)
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=w.device, dtype=w.dtype)
+        lin.weight.copy_(w)
+        if self.bias is not None:
+            lin.bias.copy_(self.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, " \
+               f"alpha={self.alpha}, base={'float' if self.bits is None else self.bits}"

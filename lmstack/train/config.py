@@ -1,0 +1,78 @@
+"""Typed configs of the training stages (``PretrainConfig``, ``SFTConfig``); YAML recipes
+under ``recipes/train/`` are saved instances. No torch import, so the CLI builds its flags cheaply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lmstack.errors import ConfigError
+from lmstack.peft.config import PEFTConfig
+
+
+@dataclass
+class LoopConfig:
+    """Fields every training stage shares (a stage's config adds its own)."""
+
+    out_dir: str = field(default="runs/train", metadata={"help": "run folder (checkpoints, metrics, plots)"})
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "autocast compute dtype"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch per process"})
+    grad_accum: int = field(default=0, metadata={"help": "micro-batches per step; 0 = from tokens_per_step"})
+    tokens_per_step: int = field(default=0, metadata={"help": "target tokens per optimizer step (all processes)"})
+    max_steps: int = 100
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = field(default=0.2, metadata={"help": "WSD: fraction of steps spent decaying"})
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    eval_interval: int = 50
+    eval_batches: int = 8
+    log_interval: int = 10
+    ckpt_interval: int = 50
+    keep_last: int = 2
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    distributed: Literal["auto", "ddp", "fsdp"] = field(
+        default="auto", metadata={"help": "strategy under torchrun (auto = ddp); ignored in one process"})
+    peak_flops: float = field(default=0.0, metadata={"help": "for MFU; 0 = measured matmul peak (CPU) or table (GPU)"})
+    progress: bool = True
+
+    def check(self) -> None:
+        for name in ("batch_size", "max_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{type(self).__name__}.{name}: got {getattr(self, name)}, expected > 0")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{type(self).__name__}.min_lr: got {self.min_lr}, expected <= lr ({self.lr})")
+
+
+@dataclass
+class PretrainConfig(LoopConfig):
+    data: str = field(default="runs/data/offline-corpora",
+                      metadata={"help": "token shards folder (lmstack data prepare)"})
+    model: str = field(default="llama-10m", metadata={"help": "model preset to initialise"})
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    seq_len: int = 256
+    sample_prompts: list[str] = field(default_factory=lambda: ["The", "Once upon a time"])
+    sample_tokens: int = 40
+    sample_temperature: float = field(default=0.8, metadata={"help": "0 = greedy samples"})
+
+
+@dataclass
+class SFTConfig(LoopConfig):
+    model: str = field(default="", metadata={"help": "model to fine-tune (empty: the embedded SmolLM2)"})
+    data: str = field(default="builtin:instruct-train", metadata={"help": "JSONL file or builtin:<name>"})
+    val_data: str = field(default="builtin:instruct-val", metadata={"help": "held-out JSONL ('' for none)"})
+    max_len: int = 512
+    packing: bool = False
+    epochs: float = field(default=0.0, metadata={"help": "if > 0, sets max_steps to cover this many epochs"})
+    peft: PEFTConfig = field(default_factory=lambda: PEFTConfig(method="lora"))
+    measure: bool = field(default=False, metadata={"help": "held-out loss and exact match before and after"})
+    measure_max_new_tokens: int = 48
+    export_merged: bool = False

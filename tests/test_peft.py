@@ -1,0 +1,236 @@
+"""PEFT by module swap: LoRA algebra, disabled/merge invariants, adapter save/load, QLoRA, prefix, adapters."""
+
+import copy
+
+import pytest
+import torch
+
+from lmstack.model import Transformer, preset
+from lmstack.peft import (AdapterLinear, LoRALinear, PEFTConfig, PrefixAttention, apply_peft, load_adapter,
+                          merge_and_unload, merge_lora, param_counts, peft_disabled, peft_state_dict,
+                          save_adapter, unmerge_lora)
+from lmstack.quant import QuantLinear, dequantize, quantize_int4, quantize_int8
+
+
+def _model(name="tiny-llama", seed=0):
+    torch.manual_seed(seed)
+    return Transformer(preset(name)).eval()
+
+
+def _ids(seed=1, B=2, T=12, V=320):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, T), generator=g)
+
+
+def _randomise_lora(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2"])
+def test_lora_keeps_base_keys_and_starts_as_identity(name):
+    base = _model(name)
+    keys = set(base.state_dict())
+    ids = _ids()
+    ref = base(ids)
+    model = apply_peft(copy.deepcopy(base), PEFTConfig(method="lora", r=4, alpha=8))
+    sd = model.state_dict()
+    assert keys <= set(sd)
+    assert set(sd) - keys == set(peft_state_dict(model))
+    assert all(k.endswith(("lora_A", "lora_B")) for k in set(sd) - keys)
+    torch.testing.assert_close(model(ids), ref, rtol=0, atol=0)  # B = 0 at init
+    trainable, total = param_counts(model)
+    n_lora = sum(m.lora_A.numel() + m.lora_B.numel() for m in model.modules() if isinstance(m, LoRALinear))
+    assert trainable == n_lora and total == base.num_params() + n_lora
+
+
+def test_lora_forward_and_merge_equal_w_plus_scaled_ba():
+    model = apply_peft(_model(), PEFTConfig(method="lora", r=4, alpha=12, targets=["q_proj", "down_proj"]))
+    _randomise_lora(model)
+    m = model.blocks[0].attn.q_proj
+    x = torch.randn(3, 64)
+    w0 = m.weight.detach().clone()
+    expected_w = w0 + (12 / 4) * (m.lora_B @ m.lora_A)
+    torch.testing.assert_close(m(x), x @ expected_w.t(), rtol=1e-5, atol=1e-6)
+    ids = _ids()
+    before = model(ids)
+    merge_lora(model)
+    torch.testing.assert_close(m.weight, expected_w, rtol=0, atol=0)
+    torch.testing.assert_close(model(ids), before, rtol=1e-4, atol=1e-5)
+    unmerge_lora(model)
+    rel = ((m.weight - w0).abs().max() / w0.abs().max()).item()
+    assert rel < 1e-6
+
+
+def test_unmerge_is_exact_with_base_copy():
+    model = apply_peft(_model(), PEFTConfig(method="lora", r=4, alpha=8, keep_base_copy=True))
+    _randomise_lora(model)
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    merge_lora(model)
+    assert not torch.equal(model.blocks[1].mlp.up_proj.weight, w0["blocks.1.mlp.up_proj.weight"])
+    unmerge_lora(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, w0[k]), k
+
+
+def test_disabled_gives_base_logits_merged_or_not():
+    base = _model()
+    ids = _ids()
+    ref = base(ids)
+    model = apply_peft(copy.deepcopy(base), PEFTConfig(method="lora", r=4, alpha=8))
+    _randomise_lora(model)
+    assert (model(ids) - ref).abs().max() > 1e-3
+    with peft_disabled(model):
+        torch.testing.assert_close(model(ids), ref, rtol=0, atol=0)
+    merge_lora(model)
+    with peft_disabled(model):
+        torch.testing.assert_close(model(ids), ref, rtol=1e-4, atol=1e-5)
+    assert not any(getattr(m, "disabled", False) for m in model.modules())
+
+
+def test_lora_only_save_reloads_onto_base(tmp_path):
+    base = _model()
+    model = apply_peft(copy.deepcopy(base), PEFTConfig(method="lora", r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    _randomise_lora(model)
+    ids = _ids()
+    want = model(ids)
+    save_adapter(model, tmp_path / "adapter")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
+    assert len(saved) == 2 * 2 * 2 and all("lora_" in k for k in saved)  # 2 layers x q,v x A,B
+    fresh = load_adapter(copy.deepcopy(base), tmp_path / "adapter")
+    torch.testing.assert_close(fresh(ids), want, rtol=0, atol=0)
+
+
+def test_adapter_refuses_other_base(tmp_path):
+    from lmstack.errors import LMStackError
+
+    model = apply_peft(_model(), PEFTConfig(method="lora", r=2, alpha=2))
+    save_adapter(model, tmp_path / "a")
+    with pytest.raises(LMStackError, match="different base model"):
+        load_adapter(_model("tiny-qwen2"), tmp_path / "a")
+
+
+def test_merge_and_unload_exports_plain_model(tmp_path):
+    from lmstack.model.checkpoint import load_checkpoint, save_native
+
+    model = apply_peft(_model(), PEFTConfig(method="lora", r=4, alpha=8))
+    _randomise_lora(model)
+    ids = _ids()
+    want = model(ids)
+    merged = merge_and_unload(model)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    save_native(merged, tmp_path / "m")
+    loaded, _, _ = load_checkpoint(tmp_path / "m")
+    torch.testing.assert_close(loaded(ids), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_quantisation_error_is_bounded(bits):
+    torch.manual_seed(0)
+    w = torch.randn(48, 128)
+    if bits == "int8":
+        q, s = quantize_int8(w)
+        bound = s / 2
+        deq = dequantize(q, s, "int8", 0)
+    else:
+        q, s = quantize_int4(w, 32)
+        assert q.dtype == torch.uint8 and q.shape == (48, 64) and s.shape == (48, 4)
+        bound = s.repeat_interleave(32, dim=1) / 2
+        deq = dequantize(q, s, "int4", 32)
+    assert ((deq - w).abs() <= bound + 1e-6).all()
+
+
+def test_qlora_trains_adapters_only_and_saves_memory():
+    base = _model()
+    ids = _ids()
+    ref = base(ids)
+    model = apply_peft(copy.deepcopy(base), PEFTConfig(method="qlora", r=4, alpha=8, quant_bits="int4", group_size=32))
+    q = model.blocks[0].mlp.down_proj
+    assert isinstance(q, LoRALinear) and q.bits == "int4" and q.weight.dtype == torch.uint8
+    assert "blocks.0.mlp.down_proj.weight" in model.state_dict()
+    out = model(ids)
+    deq = copy.deepcopy(base)  # the reference: the base with each weight replaced by its dequantised copy
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, LoRALinear):
+                deq.get_submodule(name).weight.copy_(dequantize(m.weight, m.scales, "int4", 32))
+    torch.testing.assert_close(out, deq(ids), rtol=1e-5, atol=1e-5)
+    assert 0 < (out - ref).abs().max() < 0.1 * ref.abs().max()
+    out.logsumexp(-1).mean().backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == ("lora_" in n), n
+    lin = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, LoRALinear))
+    lin_fp32 = sum(m.in_features * m.out_features * 4 for m in model.modules() if isinstance(m, LoRALinear))
+    assert lin * 8 == lin_fp32
+
+
+def test_qlora_backward_matches_dequantised_reference():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    ql = QuantLinear(lin, "int4", 16)
+    x = torch.randn(5, 64, requires_grad=True)
+    ql(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, ql.dequantize(), ql.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_prefix_tuning_keeps_keys_and_caches():
+    from lmstack.infer.generate import stream_generate
+    from lmstack.infer.sampling import SamplingParams
+
+    base = _model()
+    keys = set(base.state_dict())
+    model = apply_peft(copy.deepcopy(base), PEFTConfig(method="prefix", n_prefix=5))
+    assert all(isinstance(b.attn, PrefixAttention) for b in model.blocks)
+    assert keys <= set(model.state_dict())
+    with torch.no_grad():
+        for b in model.blocks:
+            b.attn.prefix_v.normal_(0, 0.5)
+    ids = _ids(B=1, T=10)
+    full = model(ids)
+    assert (full - base(ids)).abs().max() > 1e-3
+    with peft_disabled(model):
+        torch.testing.assert_close(model(ids), base(ids), rtol=1e-5, atol=1e-5)
+    # cached prefill + one decode step == uncached forward
+    cache = model.new_cache(1)
+    a = model(ids[:, :7], cache=cache)
+    b = model(ids[:, 7:8], cache=cache)
+    torch.testing.assert_close(torch.cat([a, b], 1), full[:, :8], rtol=1e-4, atol=1e-5)
+    toks = [ev.token_id for ev in stream_generate(model, None, [ids[0].tolist()], SamplingParams(max_new_tokens=4))]
+    assert len(toks) == 4
+
+
+def test_bottleneck_adapter_identity_at_init_and_trainable():
+    base = _model()
+    ids = _ids()
+    model = apply_peft(copy.deepcopy(base), PEFTConfig(method="adapter", adapter_size=8))
+    assert sum(isinstance(m, AdapterLinear) for m in model.modules()) == 4
+    torch.testing.assert_close(model(ids), base(ids), rtol=0, atol=0)
+    trainable, _ = param_counts(model)
+    assert trainable == 4 * (64 * 8 + 8 + 8 * 64 + 64)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "prefix", "adapter", "full"])
+def test_train_step_changes_every_trainable_param_and_no_frozen(method):
+    model = apply_peft(_model(), PEFTConfig(method=method, r=4, alpha=8, group_size=32, n_prefix=4, adapter_size=8))
+    model.train()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = _ids(T=16)
+    for _ in range(2):  # LoRA's A gets no gradient while B is still zero: take two steps
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    for k, v in before.items():
+        changed = not torch.equal(v, after[k])
+        assert changed == (k in trainable), f"{k}: changed={changed}, trainable={k in trainable}"

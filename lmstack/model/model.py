@@ -80,6 +80,18 @@ def sinusoidal_embedding(pos: torch.Tensor, dim: int) -> torch.Tensor:
     return out
 
 
+def project_qkv(attn: nn.Module, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q ``(B, nh, T, hd)`` and k, v ``(B, nkv, T, hd)`` of ``x`` through ``attn``'s projections,
+    with rotary positions applied to q and k. Shared by every attention variant (prefix tuning)."""
+    B, T, _ = x.shape
+    q = attn.q_proj(x).view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    return q, k, v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -94,11 +106,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, cache: Optional[KVCache], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = project_qkv(self, x, rope)  # (B, nh, T, hd), (B, nkv, T, hd) x 2
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
             st = cache._step

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from lmstack.errors import UnsupportedError
 from lmstack.model.kv_cache import KVCache
-from lmstack.model.model import Attention, apply_rope
+from lmstack.model.model import Attention, project_qkv
 
 
 class PrefixAttention(nn.Module):
@@ -45,11 +45,7 @@ class PrefixAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache],
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = project_qkv(self, x, rope)  # (B, nh, T, hd), (B, nkv, T, hd) x 2
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
             st = cache._step

@@ -135,6 +135,10 @@ def _require(cfg: ModelConfig, **want: Any) -> None:
 
 # -- Hugging Face weights <-> native keys ---------------------------------------------------
 
+_GPT2_TOP = {  # keys without the "transformer." prefix
+    "wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight",
+    "ln_f.weight": "norm.weight", "ln_f.bias": "norm.bias",
+}
 _LLAMA_MAP = {
     "model.embed_tokens.weight": "tok_emb.weight",
     "model.norm.weight": "norm.weight",
@@ -157,12 +161,8 @@ def hf_to_native(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
             k = k[len("transformer."):] if k.startswith("transformer.") else k
             if k.endswith((".attn.bias", ".attn.masked_bias")):
                 continue  # causal-mask buffers in old checkpoints
-            if k == "wte.weight":
-                out["tok_emb.weight"] = t
-            elif k == "wpe.weight":
-                out["pos_emb.weight"] = t
-            elif k.startswith("ln_f."):
-                out["norm." + k.split(".")[-1]] = t
+            if k in _GPT2_TOP:
+                out[_GPT2_TOP[k]] = t
             elif k == "lm_head.weight":
                 if not cfg.tie_embeddings:
                     out["lm_head.weight"] = t
@@ -206,13 +206,10 @@ def hf_to_native(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
 def native_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     if cfg.arch == "gpt2":
+        inv_top = {v: "transformer." + k for k, v in _GPT2_TOP.items()}
         for k, t in sd.items():
-            if k == "tok_emb.weight":
-                out["transformer.wte.weight"] = t
-            elif k == "pos_emb.weight":
-                out["transformer.wpe.weight"] = t
-            elif k.startswith("norm."):
-                out["transformer.ln_f." + k.split(".")[-1]] = t
+            if k in inv_top:
+                out[inv_top[k]] = t
             elif k == "lm_head.weight":
                 out["lm_head.weight"] = t
         for i in range(cfg.n_layer):

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmstack.model.config import ModelConfig
+from lmstack.model.cpu_kernels import Linear, linear
 from lmstack.model.kv_cache import KVCache
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -43,6 +44,8 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and _FUSED_RMS:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one kernel instead of six
         # Normalise in fp32 whatever the compute dtype, as the reference implementations do.
+        if _FUSED_RMS:
+            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -55,19 +58,22 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rope_tables(head_dim: int, n_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``(n_pos, head_dim)`` for rotate-half RoPE (Su et al. 2021, eq. 34)."""
+    """cos and signed-sin tables ``(n_pos, head_dim)`` for rotate-half RoPE (Su et al. 2021,
+    eq. 34). The first half of the sin table is negated, so ``apply_rope`` rotates with a
+    ``roll`` instead of a slice, a negation and a concatenation (the same values, bit for bit)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     t = torch.arange(n_pos, dtype=torch.int64).float()
     freqs = torch.outer(t, inv_freq)  # (n_pos, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    sin = emb.sin()
+    sin[:, : head_dim // 2].neg_()
+    return emb.cos(), sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, n_head, T, head_dim); cos/sin: (B, 1, T, head_dim)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    # x: (B, n_head, T, head_dim); cos/sin: (B, 1, T, head_dim), sin signed as in rope_tables.
+    # rotate_half(x) * sin == roll(x, half) * signed_sin: [-x2, x1] * [s, s] == [x2, x1] * [-s, s].
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def sinusoidal_embedding(pos: torch.Tensor, dim: int) -> torch.Tensor:
@@ -98,10 +104,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         qkv_bias = cfg.bias or cfg.qkv_bias
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.q_proj = Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.o_proj = Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.sliding_window = cfg.sliding_window
 
     def forward(self, x, rope, cache: Optional[KVCache], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -146,9 +152,9 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
         if self.swiglu:
-            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+            self.gate_proj = Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.up_proj = Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:  # Shazeer 2020, "GLU Variants Improve Transformer", FFN_SwiGLU
@@ -179,7 +185,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -283,4 +289,4 @@ class Transformer(nn.Module):
                 x = x[torch.arange(B, device=x.device), last][:, None, :]  # (B, 1, C)
         if return_hidden:
             return x
-        return F.linear(x, self.output_weight)
+        return linear(x, self.output_weight)

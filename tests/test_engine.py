@@ -276,3 +276,31 @@ def test_async_and_threaded_consumers_see_the_same_stream():
         assert results == [expected_text(2, 10)]
     finally:
         eng.shutdown()
+
+
+class _EOSModel(FakeModel):
+    """Predicts the tokenizer's end-of-sequence token at every step."""
+
+    def __init__(self, eos_id: int):
+        super().__init__()
+        self.eos_id = eos_id
+
+    def __call__(self, idx, cache, input_lengths, last_only=True):
+        logits = super().__call__(idx, cache, input_lengths, last_only)
+        logits[:] = -10.0
+        logits[..., self.eos_id] = 10.0
+        return logits
+
+
+def test_ignore_eos_generates_up_to_max_tokens():
+    tok = byte_level_tokenizer()
+    eos = tok.eos_token_id
+    eng = Engine(_EOSModel(eos), tok, EngineConfig(max_slots=2)).start()
+    try:
+        prompt = tok.encode("hi")
+        stopped = list(eng.submit(EngineRequest(prompt, SamplingParams(max_new_tokens=6))))
+        assert [o.finish_reason for o in stopped] == ["stop"] and stopped[0].token_id == eos
+        kept = list(eng.submit(EngineRequest(prompt, SamplingParams(max_new_tokens=6, ignore_eos=True))))
+        assert [o.token_id for o in kept] == [eos] * 6 and kept[-1].finish_reason == "length"
+    finally:
+        eng.shutdown()

@@ -420,3 +420,15 @@ def test_embedded_model_answers_and_follows_json_schemas(smollm2, client_for):
                 check_schema(json.loads(r.choices[0].message.content), schema)
     finally:
         engine.shutdown()
+
+
+def test_ignore_eos_extension_reaches_the_sampler(fake_server):
+    from lmstack.serve.backend import _sampling
+    from lmstack.serve.protocol import ChatRequest
+
+    req = ChatRequest(messages=CHAT, ignore_eos=True)
+    assert _sampling(req, 5, None, False).ignore_eos is True
+    assert _sampling(ChatRequest(messages=CHAT), 5, None, False).ignore_eos is False
+    s = fake_server()
+    status, _, payload = request(s.url, "POST", "/v1/chat/completions", {**OK_CHAT, "ignore_eos": "often"})
+    assert status == 400 and payload["error"]["param"] == "ignore_eos"

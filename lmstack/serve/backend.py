@@ -88,7 +88,8 @@ def _sampling(req, max_tokens: int, seed: Optional[int], want_logprobs: bool) ->
     if len(stop) > MAX_STOP or any(not s for s in stop):
         raise APIError(400, f"stop: expected up to {MAX_STOP} non-empty strings, got {stop!r}"[:300], "stop")
     return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
-                          stop=stop, repetition_penalty=req.repetition_penalty, logprobs=want_logprobs)
+                          stop=stop, repetition_penalty=req.repetition_penalty, logprobs=want_logprobs,
+                          ignore_eos=req.ignore_eos)
 
 
 class LocalBackend:

@@ -115,6 +115,7 @@ class _Sampling(_Strict):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    ignore_eos: bool = False  # extension (as vLLM's): keep generating past end-of-sequence, up to max_tokens
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
     metadata: Optional[dict[str, str]] = None

@@ -15,13 +15,14 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compil
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts calls into the compiled kernel, per dtype."""
-    seen = {torch.float32: 0, torch.bfloat16: 0}
-    for dt, fn in list(cpu_kernels._FN.items()):
-        def counted(*a, _fn=fn, _dt=dt):
-            seen[_dt] += 1
-            return _fn(*a)
-        monkeypatch.setitem(cpu_kernels._FN, dt, counted)
+    """Counts calls into the compiled kernels, by entry point and dtype."""
+    seen = {}
+    for name, fn in list(cpu_kernels._FN.items()):
+        def counted(bf16, *a, _fn=fn, _name=name):
+            key = (_name, torch.bfloat16 if bf16 else torch.float32)
+            seen[key] = seen.get(key, 0) + 1
+            return _fn(bf16, *a)
+        monkeypatch.setitem(cpu_kernels._FN, name, counted)
     return seen
 
 
@@ -36,7 +37,7 @@ def test_fp32_matches_f_linear(calls, N, K, M, bias):
     ref = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert y.shape == (1, M, N) and y.dtype == torch.float32
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * K ** 0.5)
-    assert calls[torch.float32] == 1
+    assert calls == {("linear", torch.float32): 1}
 
 
 @pytest.mark.parametrize("N,K", [(64, 64), (100, 37), (300, 1536), (33, 130)])
@@ -51,7 +52,60 @@ def test_bf16_within_rounding_of_f_linear(calls, N, K, M):
     assert y.dtype == torch.bfloat16
     # One bf16 rounding of the output (2^-8 relative) plus fp32 summation error.
     torch.testing.assert_close(y.double(), ref, rtol=2 ** -8, atol=1e-3)
-    assert calls[torch.bfloat16] == 1
+    assert calls == {("linear", torch.bfloat16): 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 4])
+def test_group_equals_separate_linears(calls, dtype, M):
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 1, 96, generator=g).to(dtype)
+    ws = [torch.randn(n, 96, generator=g).to(dtype) for n in (96, 32, 32)]
+    bs = [torch.randn(96, generator=g).to(dtype), None, torch.randn(32, generator=g).to(dtype)]
+    outs = cpu_kernels.linear_group(x, ws, bs)
+    assert calls == {("group", dtype): 1}
+    for y, w, b in zip(outs, ws, bs):
+        assert y.shape == (M, 1, w.shape[0]) and y.dtype == dtype
+        assert torch.equal(y, cpu_kernels.linear(x, w, b))  # same sums, same rounding as one matrix at a time
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_swiglu_matches_torch(calls, dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=g).to(dtype)
+    wg, wu = (torch.randn(200, 64, generator=g).mul(0.2).to(dtype) for _ in range(2))
+    y = cpu_kernels.swiglu(x, wg, wu)
+    ref = F.silu(F.linear(x, wg)) * F.linear(x, wu)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol)
+    assert calls == {("group", dtype): 1}
+    assert cpu_kernels.swiglu(x, wg, wu[:100]) is None  # shapes that do not pair up: the caller's torch path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_the_reference_formula(calls, dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 576, generator=g).mul(3).to(dtype)
+    w = torch.rand(576, generator=g).add(0.5).to(dtype)
+    y = cpu_kernels.rms_norm(x, w, 1e-5)
+    xf = x.float()
+    ref = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)  # as HF Llama does
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol)
+    assert calls == {("rmsnorm", dtype): 1}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_decodes_the_same_tokens_with_and_without_kernels(monkeypatch, calls, dtype):
+    from lmstack import LLM
+    from lmstack.infer import SamplingParams, generate_ids
+
+    llm = LLM.load("tiny-llama", dtype=dtype)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    with_kernels = generate_ids(llm.model, prompts, params)
+    assert {name for name, _ in calls} == {"linear", "group", "rmsnorm"}  # o/down/lm_head, q/k/v + gate/up, norms
+    monkeypatch.setattr(cpu_kernels, "_lib", False)  # switched off: every call takes torch's path
+    assert generate_ids(llm.model, prompts, params) == with_kernels
 
 
 def test_gradients_and_large_batches_use_torch(calls):
@@ -59,13 +113,13 @@ def test_gradients_and_large_batches_use_torch(calls):
     x = torch.randn(1, 16)
     y = cpu_kernels.linear(x, w)
     y.sum().backward()  # autograd never goes through the kernel
-    assert w.grad is not None and calls[torch.float32] == 0
+    assert w.grad is not None and calls == {}
     with torch.no_grad():
         big = torch.randn(cpu_kernels.MAX_ROWS + 1, 16)
         assert torch.equal(cpu_kernels.linear(big, w), F.linear(big, w))
-        assert calls[torch.float32] == 0
+        assert calls == {}
         cpu_kernels.linear(x, w)
-        assert calls[torch.float32] == 1
+        assert calls == {("linear", torch.float32): 1}
 
 
 def test_other_dtypes_and_mixed_inputs_use_torch(calls):
@@ -75,7 +129,7 @@ def test_other_dtypes_and_mixed_inputs_use_torch(calls):
     w32 = torch.randn(8, 16)
     y = cpu_kernels.linear(torch.randn(1, 16).bfloat16(), w32.bfloat16().t().contiguous().t()[:, :16])
     assert y.dtype == torch.bfloat16
-    assert calls == {torch.float32: 0, torch.bfloat16: 0}  # a non-contiguous weight falls back
+    assert calls == {}  # a non-contiguous weight falls back
 
 
 def test_linear_module_keeps_nn_linear_keys_and_results():

@@ -1,10 +1,18 @@
-"""A memory-bound CPU kernel for linear layers with only a few input rows (decoding).
+"""Memory-bound CPU kernels for decoding: linear layers with only a few input rows.
 
 At decode time each step multiplies one row per sequence by every weight matrix, so the step
 time is the time to stream the weights from memory. torch's CPU GEMV reaches about a quarter
 of the bandwidth a plain reduction gets on the same cores (see docs/benchmarks.md), so
-``linear`` sends inference-time calls with at most ``MAX_ROWS`` rows to a small C kernel
-(``kernels/small_linear.c``) and everything else to ``F.linear``.
+inference-time calls with at most ``MAX_ROWS`` rows go to a small C kernel
+(``kernels/small_linear.c``) and everything else to torch:
+
+* ``linear``: one weight matrix (``F.linear``);
+* ``linear_group``: several matrices over the same input in one threaded pass (q/k/v);
+* ``swiglu``: ``silu(x W_gate^T) * (x W_up^T)`` in one pass over both matrices;
+* ``rms_norm``: RMSNorm of a few rows (torch's is a chain of six small ops).
+
+The group and fused entry points return ``None`` where the kernel does not apply, and the
+caller runs its ordinary torch code.
 
 The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``) and
 cached under ``$LMSTACK_CACHE/kernels``, keyed by the source, the compiler, the flags and the
@@ -57,7 +65,7 @@ def _compile(cc: str, out: Path) -> None:
     for flags in (["-fopenmp"], []):  # OpenMP where the compiler has it, else one thread
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_so = Path(tmp) / out.name
-            r = subprocess.run(base + flags + [str(_SOURCE), "-o", str(tmp_so)], capture_output=True, text=True)
+            r = subprocess.run(base + flags + [str(_SOURCE), "-o", str(tmp_so), "-lm"], capture_output=True, text=True)
             if r.returncode == 0:
                 os.replace(tmp_so, out)  # atomic: a concurrent process sees the old file or the new one
                 return
@@ -88,12 +96,14 @@ def load() -> Optional[ctypes.CDLL]:
         if not so.exists():
             _compile(cc, so)
         lib = ctypes.CDLL(str(so))
-        for name, ptr in (("lm_small_linear_f32", ctypes.c_void_p), ("lm_small_linear_bf16", ctypes.c_void_p)):
+        p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        sigs = {"lm_small_linear": [c_int, p, p, p, p, i64, i64, i64, c_int],
+                "lm_small_linear_group": [c_int, p, c_int, p, p, p, p, i64, i64, c_int, c_int],
+                "lm_rmsnorm": [c_int, p, p, p, i64, i64, ctypes.c_float]}
+        for name, argtypes in sigs.items():
             fn = getattr(lib, name)
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-        _FN[torch.float32] = lib.lm_small_linear_f32
-        _FN[torch.bfloat16] = lib.lm_small_linear_bf16
+            fn.restype, fn.argtypes = ctypes.c_int, argtypes
+        _FN.update(linear=lib.lm_small_linear, group=lib.lm_small_linear_group, rmsnorm=lib.lm_rmsnorm)
     except Exception as e:  # never fatal: the torch path is always there
         log.warning("CPU decode kernel unavailable (%s); using torch's linear", str(e)[:300])
         return None
@@ -105,42 +115,99 @@ def available() -> bool:
     return load() is not None
 
 
+_BF16 = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _applies(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    """Whether the kernel can take ``x`` (a few rows) and ``params`` (weights, biases, None):
+    CPU, fp32 or bf16 throughout, contiguous parameters, plain tensors, no gradient needed.
+    Called ~200 times per decoded token, so the cheap checks come first."""
+    if _lib is None:
+        load()
+    if not _lib:
+        return False
+    dt = x.dtype
+    if dt not in _BF16 or x.device.type != "cpu":
+        return False
+    grad = torch.is_grad_enabled() and x.requires_grad
+    for t in params:
+        if t is None:
+            continue
+        if t.dtype != dt or not t.is_contiguous() or (type(t) is not torch.nn.Parameter and type(t) is not torch.Tensor):
+            return False
+        grad = grad or (torch.is_grad_enabled() and t.requires_grad)
+    return not grad and not torch.compiler.is_compiling()
+
+
+def _rows(x: torch.Tensor, K: int) -> int:
+    """Rows of ``x`` for a kernel over inputs of width ``K``; 0 when it does not fit."""
+    n = x.numel()
+    if n == 0 or n > MAX_ROWS * K or x.shape[-1] != K:
+        return 0
+    return n // K
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the small-batch kernel where it applies: CPU,
-    fp32 or bf16, no gradient needed, at most ``MAX_ROWS`` rows of ``x``.
-
-    Called ~200 times per decoded token, so the checks are ordered cheapest-first and the
-    common case (contiguous ``x``) avoids any reshape."""
-    fn = _FN.get(weight.dtype) if _lib else None
-    if fn is None:
-        if _lib is None and load() is not None:
-            return linear(x, weight, bias)
-        return F.linear(x, weight, bias)
+    fp32 or bf16, no gradient needed, at most ``MAX_ROWS`` rows of ``x``."""
     K = weight.shape[-1]
-    n = x.numel()
-    if (
-        n > MAX_ROWS * K
-        or n == 0
-        or x.dtype != weight.dtype
-        or x.shape[-1] != K
-        or weight.dim() != 2
-        or x.device.type != "cpu"
-        or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad
-                                         or (bias is not None and bias.requires_grad)))
-        or (type(weight) is not torch.nn.Parameter and type(weight) is not torch.Tensor)
-        or not weight.is_contiguous()
-        or (bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()))
-        or torch.compiler.is_compiling()
-    ):
+    M = _rows(x, K)
+    if not M or weight.dim() != 2 or not _applies(x, weight, bias):
         return F.linear(x, weight, bias)
-    if not x.is_contiguous():
-        x = x.contiguous()
+    x = x.contiguous()
     N = weight.shape[0]
     y = torch.empty((*x.shape[:-1], N), dtype=x.dtype)
-    rc = fn(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-            n // K, N, K, torch.get_num_threads())
-    if rc != 0:
+    if _FN["linear"](_BF16[x.dtype], x.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(),
+                     M, N, K, torch.get_num_threads()) != 0:
         return F.linear(x, weight, bias)
+    return y
+
+
+def _group(x: torch.Tensor, weights: list, biases: list, swiglu: bool) -> Optional[list[torch.Tensor]]:
+    K = weights[0].shape[-1]
+    M = _rows(x, K)
+    if not M or any(w.dim() != 2 or w.shape[1] != K for w in weights) or not _applies(x, *weights, *biases):
+        return None
+    x = x.contiguous()
+    n = len(weights)
+    outs = [torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype) for w in (weights[:1] if swiglu else weights)]
+    arr = ctypes.c_int64 * n
+    ys = arr(*(o.data_ptr() for o in outs), *([0] * (n - len(outs))))
+    rc = _FN["group"](_BF16[x.dtype], x.data_ptr(), n, arr(*(w.data_ptr() for w in weights)),
+                      arr(*(_ptr(b) for b in biases)), ys, arr(*(w.shape[0] for w in weights)), M, K, int(swiglu),
+                      torch.get_num_threads())
+    return outs if rc == 0 else None
+
+
+def linear_group(x: torch.Tensor, weights: list, biases: list) -> Optional[list[torch.Tensor]]:
+    """``[F.linear(x, w, b) for w, b in zip(weights, biases)]`` in one threaded pass over all
+    the weights (up to 4, same input width), or ``None`` where the kernel does not apply."""
+    return _group(x, list(weights), list(biases), swiglu=False)
+
+
+def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+           b_gate: Optional[torch.Tensor] = None, b_up: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``F.silu(F.linear(x, w_gate, b_gate)) * F.linear(x, w_up, b_up)`` in one pass, rounded
+    where torch's bf16 ops round, or ``None`` where the kernel does not apply."""
+    if w_gate.shape != w_up.shape:
+        return None
+    out = _group(x, [w_gate, w_up], [b_gate, b_up], swiglu=True)
+    return None if out is None else out[0]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
+    """RMSNorm of ``x`` (a few rows) normalised in fp32, or ``None`` where the kernel does not apply."""
+    K = weight.shape[-1]
+    M = _rows(x, K)
+    if not M or weight.dim() != 1 or not _applies(x, weight):
+        return None
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _FN["rmsnorm"](_BF16[x.dtype], x.data_ptr(), weight.data_ptr(), y.data_ptr(), M, K, eps)
     return y
 
 

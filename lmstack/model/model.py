@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmstack.model.config import ModelConfig
+from lmstack.model import cpu_kernels
 from lmstack.model.cpu_kernels import Linear, linear
 from lmstack.model.kv_cache import KVCache
 
@@ -41,6 +42,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = cpu_kernels.rms_norm(x, self.weight, self.eps)  # decoding on the CPU: a few rows
+        if y is not None:
+            return y
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and _FUSED_RMS:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one kernel instead of six
         # Normalise in fp32 whatever the compute dtype, as the reference implementations do.
@@ -90,9 +94,15 @@ def project_qkv(attn: nn.Module, x: torch.Tensor, rope) -> tuple[torch.Tensor, t
     """q ``(B, nh, T, hd)`` and k, v ``(B, nkv, T, hd)`` of ``x`` through ``attn``'s projections,
     with rotary positions applied to q and k. Shared by every attention variant (prefix tuning)."""
     B, T, _ = x.shape
-    q = attn.q_proj(x).view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+    qkv = None
+    if type(attn.q_proj) is Linear and type(attn.k_proj) is Linear and type(attn.v_proj) is Linear:
+        # Decoding on the CPU: the three projections in one pass (None where it does not apply).
+        qkv = cpu_kernels.linear_group(x, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
+                                       [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+    q, k, v = qkv if qkv is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    q = q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)
+    k = k.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+    v = v.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     return q, k, v
@@ -158,7 +168,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:  # Shazeer 2020, "GLU Variants Improve Transformer", FFN_SwiGLU
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            g, u = self.gate_proj, self.up_proj
+            h = cpu_kernels.swiglu(x, g.weight, u.weight, g.bias, u.bias) if type(g) is Linear and type(u) is Linear else None
+            return self.down_proj(h if h is not None else F.silu(g(x)) * u(x))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 

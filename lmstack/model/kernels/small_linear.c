@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -141,10 +142,39 @@ static int pick_threads(int64_t N, int64_t K, int nthreads) {
     return nthreads;
 }
 
-/* Split the output rows over threads in contiguous ranges, so every thread streams its own rows. */
-static void run(const float *x, const uint16_t *xbf, const float *wf, const uint16_t *wbf, float *acc,
-                int64_t M, int64_t N, int64_t K, int nthreads) {
-    int nt = pick_threads(N, K, nthreads);
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* Up to MAXMAT weight matrices that read the same input rows x (M x K): matrix i (N[i] x K,
+ * bias b[i] or NULL) writes y[i] (M x N[i]). All their rows are split over the threads in one
+ * parallel region, so q/k/v (or gate/up) cost one call instead of three. With swiglu, the two
+ * matrices are gate and up of one MLP and y[0] = silu(gate) * up (y[1] is unused). Pointers
+ * come as int64 so the Python side can pass plain integers. Returns 0, or 1 when out of memory. */
+#define MAXMAT 4
+
+static int group(int bf16, const void *x, int nmat, const int64_t *w, const int64_t *b, const int64_t *y,
+                 const int64_t *N, int64_t M, int64_t K, int swiglu, int nthreads) {
+    if (nmat < 1 || nmat > MAXMAT || (swiglu && (nmat != 2 || N[0] != N[1]))) return 2;
+    int64_t off[MAXMAT + 1], rows_total = 0;
+    for (int i = 0; i < nmat; i++) {
+        off[i] = rows_total;
+        rows_total += N[i];
+    }
+    off[nmat] = rows_total;
+    float *xf = NULL;
+    float *acc = (float *)malloc(sizeof(float) * (size_t)(M * rows_total));
+    if (bf16) xf = (float *)malloc(sizeof(float) * (size_t)(M * K));
+    if (!acc || (bf16 && !xf)) {
+        free(xf);
+        free(acc);
+        return 1;
+    }
+    const float *xs = (const float *)x;
+    if (bf16) {
+        for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+        xs = xf;
+    }
+    /* In the threaded region, each thread takes a contiguous range of the concatenated rows. */
+    int nt = pick_threads(rows_total, K, nthreads);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
     {
@@ -154,40 +184,85 @@ static void run(const float *x, const uint16_t *xbf, const float *wf, const uint
         const int t = 0, T = 1;
         (void)nt;
 #endif
-        const int64_t blocks = (N + 3) / 4;
-        const int64_t b0 = blocks * t / T, b1 = blocks * (t + 1) / T;
-        const int64_t n0 = b0 * 4, n1 = b1 * 4 < N ? b1 * 4 : N;
-        if (n0 < n1) rows(x, xbf, wf, wbf, acc, M, N, K, n0, n1);
+        const int64_t blocks = (rows_total + 3) / 4;
+        const int64_t r0 = blocks * t / T * 4, r1e = blocks * (t + 1) / T * 4;
+        const int64_t r1 = r1e < rows_total ? r1e : rows_total;
+        for (int i = 0; i < nmat; i++) {
+            const int64_t lo = r0 > off[i] ? r0 : off[i], hi = r1 < off[i + 1] ? r1 : off[i + 1];
+            if (lo >= hi) continue;
+            /* acc for matrix i is the (M x N[i]) block starting at M * off[i] */
+            rows(xs, (const uint16_t *)x, bf16 ? NULL : (const float *)(intptr_t)w[i],
+                 bf16 ? (const uint16_t *)(intptr_t)w[i] : NULL, acc + M * off[i], M, N[i], K,
+                 lo - off[i], hi - off[i]);
+        }
     }
-}
-
-int lm_small_linear_f32(const float *x, const float *w, const float *b, float *y,
-                        int64_t M, int64_t N, int64_t K, int nthreads) {
-    run(x, NULL, w, NULL, y, M, N, K, nthreads);
-    if (b)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t n = 0; n < N; n++) y[m * N + n] += b[n];
+    for (int i = 0; i < nmat; i++) {
+        const float *a = acc + M * off[i];
+        float *accw = (float *)a;
+        if (b[i])
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t n = 0; n < N[i]; n++)
+                    accw[m * N[i] + n] += bf16 ? bf16_to_f32(((const uint16_t *)(intptr_t)b[i])[n])
+                                               : ((const float *)(intptr_t)b[i])[n];
+    }
+    if (swiglu) {
+        const float *g = acc, *u = acc + M * off[1];
+        for (int64_t j = 0; j < M * N[0]; j++) {
+            if (bf16) { /* round where torch's bf16 ops round: gate, silu(gate), up, product */
+                const float gr = bf16_to_f32(f32_to_bf16(g[j]));
+                const float sr = bf16_to_f32(f32_to_bf16(silu(gr)));
+                ((uint16_t *)(intptr_t)y[0])[j] = f32_to_bf16(sr * bf16_to_f32(f32_to_bf16(u[j])));
+            } else {
+                ((float *)(intptr_t)y[0])[j] = silu(g[j]) * u[j];
+            }
+        }
+    } else {
+        for (int i = 0; i < nmat; i++) {
+            const float *a = acc + M * off[i];
+            if (bf16)
+                for (int64_t j = 0; j < M * N[i]; j++) ((uint16_t *)(intptr_t)y[i])[j] = f32_to_bf16(a[j]);
+            else
+                memcpy((void *)(intptr_t)y[i], a, sizeof(float) * (size_t)(M * N[i]));
+        }
+    }
+    free(xf);
+    free(acc);
     return 0;
 }
 
-int lm_small_linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *b, uint16_t *y,
-                         int64_t M, int64_t N, int64_t K, int nthreads) {
-    float *xf = (float *)malloc(sizeof(float) * (size_t)(M * K));
-    float *acc = (float *)malloc(sizeof(float) * (size_t)(M * N));
-    if (!xf || !acc) {
-        free(xf);
-        free(acc);
-        return 1;
-    }
-    for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(x[i]);
-    run(xf, x, NULL, w, acc, M, N, K, nthreads);
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t n = 0; n < N; n++) {
-            float v = acc[m * N + n];
-            if (b) v += bf16_to_f32(b[n]);
-            y[m * N + n] = f32_to_bf16(v);
+int lm_small_linear_group(int bf16, const void *x, int nmat, const int64_t *w, const int64_t *b, const int64_t *y,
+                          const int64_t *N, int64_t M, int64_t K, int swiglu, int nthreads) {
+    return group(bf16, x, nmat, w, b, y, N, M, K, swiglu, nthreads);
+}
+
+int lm_small_linear(int bf16, const void *x, const void *w, const void *b, void *y,
+                    int64_t M, int64_t N, int64_t K, int nthreads) {
+    const int64_t ws[1] = {(int64_t)(intptr_t)w}, bs[1] = {(int64_t)(intptr_t)b}, ys[1] = {(int64_t)(intptr_t)y};
+    const int64_t Ns[1] = {N};
+    return group(bf16, x, 1, ws, bs, ys, Ns, M, K, 0, nthreads);
+}
+
+/* RMSNorm of M rows of K: y = w * (x / sqrt(mean(x^2) + eps)), normalised in fp32; in bf16 the
+ * normalised row is rounded to bf16 before the weight multiplies it, as the reference models do. */
+int lm_rmsnorm(int bf16, const void *x, const void *w, void *y, int64_t M, int64_t K, float eps) {
+    for (int64_t m = 0; m < M; m++) {
+        float ss = 0.0f;
+        if (bf16) {
+            const uint16_t *xr = (const uint16_t *)x + m * K;
+            for (int64_t k = 0; k < K; k++) { const float v = bf16_to_f32(xr[k]); ss += v * v; }
+            const float r = 1.0f / sqrtf(ss / (float)K + eps);
+            uint16_t *yr = (uint16_t *)y + m * K;
+            const uint16_t *wr = (const uint16_t *)w;
+            for (int64_t k = 0; k < K; k++)
+                yr[k] = f32_to_bf16(bf16_to_f32(wr[k]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[k]) * r)));
+        } else {
+            const float *xr = (const float *)x + m * K;
+            for (int64_t k = 0; k < K; k++) ss += xr[k] * xr[k];
+            const float r = 1.0f / sqrtf(ss / (float)K + eps);
+            float *yr = (float *)y + m * K;
+            const float *wr = (const float *)w;
+            for (int64_t k = 0; k < K; k++) yr[k] = wr[k] * (xr[k] * r);
         }
-    free(xf);
-    free(acc);
+    }
     return 0;
 }

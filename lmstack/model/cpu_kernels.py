@@ -122,6 +122,8 @@ def _applies(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether the kernel can take ``x`` (a few rows) and ``params`` (weights, biases, None):
     CPU, fp32 or bf16 throughout, contiguous parameters, plain tensors, no gradient needed.
     Called ~200 times per decoded token, so the cheap checks come first."""
+    if torch.compiler.is_compiling():  # traced code keeps torch's ops (True while dynamo traces)
+        return False
     if _lib is None:
         load()
     if not _lib:
@@ -136,7 +138,7 @@ def _applies(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
         if t.dtype != dt or not t.is_contiguous() or (type(t) is not torch.nn.Parameter and type(t) is not torch.Tensor):
             return False
         grad = grad or (torch.is_grad_enabled() and t.requires_grad)
-    return not grad and not torch.compiler.is_compiling()
+    return not grad
 
 
 def _rows(x: torch.Tensor, K: int) -> int:

@@ -12,7 +12,7 @@ from lmstack.eval import datasets as D
 def test_every_shipped_set_loads_with_its_documented_size():
     sizes = {name: len(loader()) for name, loader in D.SHIPPED.items()}
     assert sizes == {"qa": 32, "passages": 24, "summarization": 24, "translation": 30,
-                     "multiple_choice": 30, "code": 12, "pairwise": 12}
+                     "multiple_choice": 30, "code": 12, "pairwise": 12, "rag": 16}
     assert len(list(D.HERE.glob("*.jsonl"))) == len(D.SHIPPED)
 
 
@@ -30,6 +30,32 @@ def test_shipped_sets_are_consistent():
         assert 1 <= len(it.references) <= 2 and (it.source_lang, it.target_lang) == ("en", "fr")
     for it in D.load_summarization():
         assert len(it.summary) < len(it.document) / 1.5
+
+
+def test_rag_set_is_built_from_the_passages():
+    passages = {p.id: p.text for p in D.load_passages()}
+    items = D.load_rag()
+    assert len({it.id for it in items}) == len(items)
+    for it in items:
+        assert len(it.contexts) == 3 and all(passages[c["id"]] == c["text"] for c in it.contexts), it.id
+        assert it.gold_ids and set(it.gold_ids) <= set(passages) and it.answer and it.reference
+    missed = [it.id for it in items if not set(it.gold_ids) & set(it.context_ids)]
+    assert missed == ["rag-07", "rag-15"]  # the retriever's misses: the answer comes from outside the contexts
+    first_rank = [next((k for k, c in enumerate(it.context_ids, 1) if c in it.gold_ids), None) for it in items]
+    assert {r: first_rank.count(r) for r in (1, 2, 3, None)} == {1: 9, 2: 4, 3: 1, None: 2}
+
+
+def test_rag_rows_are_checked(tmp_path):
+    p = tmp_path / "rag.jsonl"
+    row = {"id": "r", "question": "q", "contexts": [{"id": "c1", "text": "t"}], "gold_ids": ["c1"], "reference": "a"}
+    p.write_text(json.dumps(row) + "\n")
+    assert D.load_rag(p)[0].answer is None
+    p.write_text(json.dumps({**row, "contexts": ["just text"]}) + "\n")
+    with pytest.raises(LMStackError, match=r"rag.jsonl:1: 'contexts' must be a list of"):
+        D.load_rag(p)
+    p.write_text(json.dumps({**row, "gold_ids": "c1"}) + "\n")
+    with pytest.raises(LMStackError, match=r"rag.jsonl:1: 'gold_ids' must be a list"):
+        D.load_rag(p)
 
 
 def test_squad_json_fixture(tmp_path):

@@ -64,7 +64,8 @@ def test_every_shipped_suite_loads():
     assert [p.stem for p in found] == ["baseline", "smoke"]
     kinds = {p.stem: [t.kind for t in load_config(SuiteConfig, p).tasks] for p in found}
     assert kinds["smoke"] == ["generative", "generative", "generative", "multiple_choice", "code"]
-    assert sorted(set(kinds["baseline"])) == ["code", "generative", "judge", "multiple_choice", "perplexity"]
+    assert sorted(set(kinds["baseline"])) == ["code", "dag", "g_eval", "generative", "gpt_score", "judge",
+                                              "multiple_choice", "pairwise", "perplexity", "rag", "selfcheck"]
 
 
 def test_tasks_with_a_perfect_model_score_perfectly():

@@ -67,6 +67,7 @@ def test_pairwise_on_the_labelled_fixture_reports_agreement_and_position_bias():
     assert s.consistency == pytest.approx(9 / 12)
     assert s.agreement == pytest.approx(9 / 12)  # inconsistent verdicts become ties, which miss the label
     assert [v.winner for v in s.verdicts if v.winner == "tie"] == ["tie"] * 3
+    assert [v.flipped for v in s.verdicts] == [it.id in biased for it in items]
     assert s.first_position_rate == pytest.approx((9 + 6) / 24)
     unbiased = pairwise(_label_judge(set()), [i.question for i in items], [i.answer_1 for i in items],
                         [i.answer_2 for i in items], labels=[i.label for i in items])
@@ -91,6 +92,7 @@ def test_g_eval_weights_scores_by_probability_and_falls_back_to_parsing():
     judge = Scripted(lambda p, s, t: "3", probs=probs)
     calls = g_eval(judge, ["source"], ["summary"], GEvalConfig())
     assert calls[0].value == pytest.approx(sum((i + 1) * p for i, p in enumerate(probs)))  # 4.0
+    assert calls[0].probs == probs and calls[0].replies == []  # what the value was weighted by
     assert judge.calls == []  # probabilities were enough
     assert weighted_score([1, 1, 0, 0, 0]) == pytest.approx(1.5)
     no_probs = Scripted(lambda p, s, t: "Coherence: 2")
@@ -111,6 +113,8 @@ def test_dag_judge_follows_the_declared_path():
         DAG([DAGNode("a", "?", "b", 0.0), DAGNode("b", "?", "a", 1.0)], root="a")
     with pytest.raises(ConfigError, match="not a node"):
         DAG([DAGNode("a", "?", "zz", 0.0)], root="a")
+    with pytest.raises(ConfigError, match="node 'a' has if_yes=True; expected a node id or a terminal score"):
+        DAG([DAGNode("a", "?", True, 0.0)], root="a")
 
 
 def test_selfcheck_ngram_matches_hand_computation():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lmstack.eval.rag_metrics import (answer_relevance, average_precision, context_precision, context_recall,
-                                      faithfulness)
+                                      context_precision_scores, faithfulness, faithfulness_scores)
 
 CONTEXT = ["Pure water freezes at 0 degrees Celsius.", "The Moon orbits Earth."]
 
@@ -12,7 +12,11 @@ CONTEXT = ["Pure water freezes at 0 degrees Celsius.", "The Moon orbits Earth."]
 class FactJudge:
     """Says yes when the statement / chunk mentions a word of the known facts; garbage for 'unclear'."""
 
+    def __init__(self):
+        self.batches = 0
+
     def generate_batch(self, prompts, max_new_tokens, temperature=0.0, seeds=None, chat=False, stop=()):
+        self.batches += 1
         out = []
         for p in prompts:
             if "Statement:" in p:
@@ -53,3 +57,15 @@ def test_answer_relevance_is_mean_cosine_to_generated_questions():
 
     s = answer_relevance(FactJudge(), "When does water freeze?", "At 0 degrees Celsius.", embed, n=3)
     assert s.value == pytest.approx((0.6 + 0.0 + 0.6) / 3)
+
+
+def test_list_forms_equal_the_per_item_metrics_in_one_batch():
+    answers = ["Water freezes at 0 degrees. It boils at 50 degrees.", "This is unclear.", "The Moon orbits Earth."]
+    j = FactJudge()
+    many = faithfulness_scores(j, answers, [CONTEXT] * 3)
+    assert j.batches == 3  # one batch for all items, then two retries of the unparseable verdict
+    assert many == [faithfulness(FactJudge(), a, CONTEXT) for a in answers]
+    assert [s.value for s in many] == [0.5, None, 1.0]
+    j = FactJudge()
+    prec = context_precision_scores(j, ["q1", "q2"], ["r1", "r2"], [CONTEXT, CONTEXT[::-1]])
+    assert j.batches == 1 and [s.value for s in prec] == [1.0, 0.5]

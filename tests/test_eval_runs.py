@@ -234,3 +234,12 @@ def test_cli_perplexity_matches_library(tmp_path, capsys):
     want = perplexity(LLM.load("tiny-llama"), [f.read_text()], window=16, stride=8)
     assert out["perplexity"] == pytest.approx(want.perplexity) and out["tokens"] == want.n_tokens
     assert main(["eval", "perplexity", str(tmp_path / "missing.txt"), "--model", "tiny-llama"]) == 2
+
+
+def test_cli_limit_keeps_a_smaller_task_limit(tmp_path):
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\ntasks:\n  - {name: a, kind: generative, dataset: qa, limit: 1, max_new_tokens: 2}\n"
+                     "  - {name: b, kind: generative, dataset: qa, max_new_tokens: 2}\n")
+    assert main(["eval", "run", str(suite), "--model", "tiny-llama", "--out", str(tmp_path / "out"), "--limit", "2",
+                 "--no-cache"]) == 0
+    assert [t.n for t in load_report(tmp_path / "out" / "report.json").tasks] == [1, 2]

@@ -18,13 +18,13 @@ def register(subparsers) -> None:
     run.add_argument("--name", help="the model's name in the report (default: --model as given)")
     run.add_argument("--base-url", help="an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
     run.add_argument("--api-key", help="API key for --base-url (default: $OPENAI_API_KEY)")
-    run.add_argument("--judge", help="judge model path for 'judge' tasks (default: the model itself)")
+    run.add_argument("--judge", help="judge model path for the judge-based tasks (default: the model itself)")
     run.add_argument("--out", default="eval-out", help="folder for report.json, report.md, report.html, scores.png")
     run.add_argument("--cache", help="output cache file (default: OUT/cache.jsonl); re-runs reuse it")
     run.add_argument("--no-cache", action="store_true", help="do not read or write the output cache")
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--baseline", help="previous report.json for regression gates (overrides the suite's)")
-    run.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
+    run.add_argument("--limit", type=int, help="evaluate at most the first N items of each task")
     run.set_defaults(func=_run)
 
     cmp = sub.add_parser("compare", help="paired significance of the differences between two runs")
@@ -120,8 +120,8 @@ def _run(args) -> int:
     if args.baseline:
         suite.baseline = args.baseline
     if args.limit:
-        for t in suite.tasks:
-            t.limit = args.limit
+        for t in suite.tasks:  # a task's own smaller limit stays
+            t.limit = min(t.limit, args.limit) if t.limit else args.limit
     import os
     from pathlib import Path
 

@@ -34,6 +34,7 @@ class JudgeCall:
     value: Optional[object]  # the parsed value; None when every attempt failed
     replies: list[str]
     error: Optional[str] = None
+    probs: Optional[list[float]] = None  # g_eval: the option probabilities the value was weighted by
 
 
 def _generate(model, prompts: list[str], max_new_tokens: int, temperature: float, seed: int, chat: bool) -> list[str]:
@@ -130,6 +131,13 @@ class PairwiseVerdict:
     swapped_order: Optional[str]  # raw verdict with answer 2 shown first
     error: Optional[str] = None
 
+    @property
+    def flipped(self) -> bool:
+        """The preferred answer changed when the order was swapped (False for an error)."""
+        if self.error is not None:
+            return False
+        return _FIRST[self.first_order] != _SWAPPED[self.swapped_order]
+
 
 @dataclass
 class PairwiseSummary:
@@ -152,19 +160,15 @@ def _combine(first: Optional[str], swapped: Optional[str]) -> Optional[str]:
     return _FIRST[first] if _FIRST[first] == _SWAPPED[swapped] else "tie"
 
 
-def _consistent(v: "PairwiseVerdict") -> bool:
-    return _FIRST[v.first_order] == _SWAPPED[v.swapped_order]
-
-
 def pairwise(model, questions: Sequence[str], answers_1: Sequence[str], answers_2: Sequence[str],
              labels: Optional[Sequence[Optional[str]]] = None, seed: int = 0, chat: bool = True,
-             retries: int = 2, prompt: str = PAIRWISE_PROMPT) -> PairwiseSummary:
+             retries: int = 2, prompt: str = PAIRWISE_PROMPT, temperature: float = 0.0) -> PairwiseSummary:
     """Judge each pair in both orders; ``labels[i]`` is the human winner "1", "2" or "tie"."""
     n = len(questions)
     first = ask(model, [prompt.format(question=q, a=a, b=b) for q, a, b in zip(questions, answers_1, answers_2)],
-                parse_choice, seed, retries, chat, 8)
+                parse_choice, seed, retries, chat, 8, temperature)
     swapped = ask(model, [prompt.format(question=q, a=b, b=a) for q, a, b in zip(questions, answers_1, answers_2)],
-                  parse_choice, seed, retries, chat, 8)
+                  parse_choice, seed, retries, chat, 8, temperature)
     verdicts = []
     for f, s in zip(first, swapped):
         err = f.error or s.error
@@ -179,7 +183,7 @@ def pairwise(model, questions: Sequence[str], answers_1: Sequence[str], answers_
         agreement = sum(w == lab for w, lab in pairs) / len(pairs) if pairs else None
     return PairwiseSummary(
         n=n, n_errors=n - len(ok),
-        consistency=sum(_consistent(v) for v in ok) / len(ok) if ok else 0.0,
+        consistency=sum(not v.flipped for v in ok) / len(ok) if ok else 0.0,
         position_bias=same_pos / len(decided) if decided else 0.0,
         first_position_rate=sum(x == "A" for x in raw) / len(raw) if raw else 0.0,
         agreement=agreement, verdicts=verdicts)
@@ -207,9 +211,10 @@ class GEvalConfig:
 
 
 def g_eval(model, sources: Sequence[str], outputs: Sequence[str], cfg: GEvalConfig = GEvalConfig(),
-           seed: int = 0, chat: bool = True, retries: int = 2) -> list[JudgeCall]:
+           seed: int = 0, chat: bool = True, retries: int = 2, temperature: float = 0.0) -> list[JudgeCall]:
     """G-Eval score in [1, 5] per item: probability-weighted when the judge exposes next-token
-    probabilities (``option_probs``), else the parsed integer (with retries)."""
+    probabilities (``option_probs``; ``JudgeCall.probs`` keeps them), else the parsed integer
+    (with retries, sampled at ``temperature``)."""
     prompts = [G_EVAL_PROMPT.format(
         output_kind=cfg.output_kind, source_kind=cfg.source_kind, criterion=cfg.criterion, criteria=cfg.criteria,
         steps="\n".join(f"{i}. {s}" for i, s in enumerate(cfg.steps, 1)),
@@ -223,8 +228,8 @@ def g_eval(model, sources: Sequence[str], outputs: Sequence[str], cfg: GEvalConf
         if probs is None:
             rest.append(i)
         else:
-            calls[i] = JudgeCall(weighted_score(probs), [f"probs={[round(x, 4) for x in probs]}"])
-    for i, c in zip(rest, ask(model, [prompts[i] for i in rest], parse_score, seed, retries, chat, 8)):
+            calls[i] = JudgeCall(weighted_score(probs), [], probs=list(probs))
+    for i, c in zip(rest, ask(model, [prompts[i] for i in rest], parse_score, seed, retries, chat, 8, temperature)):
         calls[i] = c
     return calls  # type: ignore[return-value]
 
@@ -243,8 +248,9 @@ def weighted_score(probs: Sequence[float], scores: Sequence[float] = (1, 2, 3, 4
 class DAGNode:
     id: str
     question: str  # a yes/no check, a str.format template over the item's fields
-    yes: Union[str, float]  # the next node's id, or a terminal score
-    no: Union[str, float]
+    # the next node's id, or a terminal score (not `yes` / `no`: YAML reads those keys as booleans)
+    if_yes: Union[str, float]
+    if_no: Union[str, float]
 
 
 @dataclass
@@ -259,7 +265,10 @@ class DAG:
         if self.root not in ids:
             raise ConfigError(f"dag: root {self.root!r} is not a node; nodes are {sorted(ids)}")
         for n in self.nodes:
-            for branch in (n.yes, n.no):
+            for name, branch in (("if_yes", n.if_yes), ("if_no", n.if_no)):
+                if isinstance(branch, bool) or not isinstance(branch, (str, int, float)):
+                    raise ConfigError(f"dag: node {n.id!r} has {name}={branch!r}; expected a node id or a "
+                                      "terminal score (a number)")
                 if isinstance(branch, str) and branch not in ids:
                     raise ConfigError(f"dag: node {n.id!r} points to {branch!r}, which is not a node")
         by_id = {n.id: n for n in self.nodes}
@@ -267,7 +276,7 @@ class DAG:
         def visit(i: str, stack: tuple) -> None:  # a cycle would never reach a score
             if i in stack:
                 raise ConfigError(f"dag: cycle {' -> '.join(stack + (i,))}")
-            for b in (by_id[i].yes, by_id[i].no):
+            for b in (by_id[i].if_yes, by_id[i].if_no):
                 if isinstance(b, str):
                     visit(b, stack + (i,))
 
@@ -277,8 +286,8 @@ class DAG:
 YES_NO_PROMPT = "{question}\nAnswer yes or no.\nAnswer:"
 
 
-def dag_judge(model, dag: DAG, items: Sequence[dict], seed: int = 0, chat: bool = True,
-              retries: int = 2) -> list[tuple[Optional[float], list[tuple[str, bool]], Optional[str]]]:
+def dag_judge(model, dag: DAG, items: Sequence[dict], seed: int = 0, chat: bool = True, retries: int = 2,
+              temperature: float = 0.0) -> list[tuple[Optional[float], list[tuple[str, bool]], Optional[str]]]:
     """Walk ``dag`` for each item: (score, decision path [(node id, answer)], error)."""
     by_id = {n.id: n for n in dag.nodes}
     state = [(dag.root, []) for _ in items]  # current node (or terminal score), path so far
@@ -286,13 +295,13 @@ def dag_judge(model, dag: DAG, items: Sequence[dict], seed: int = 0, chat: bool 
     while any(o is None for o in out):
         live = [i for i, o in enumerate(out) if o is None]
         prompts = [YES_NO_PROMPT.format(question=by_id[state[i][0]].question.format(**items[i])) for i in live]
-        for i, call in zip(live, ask(model, prompts, parse_yes_no, seed, retries, chat, 4)):
+        for i, call in zip(live, ask(model, prompts, parse_yes_no, seed, retries, chat, 4, temperature)):
             node_id, path = state[i]
             if call.value is None:
                 out[i] = (None, path, f"node {node_id!r}: {call.error}")
                 continue
             path = path + [(node_id, bool(call.value))]
-            nxt = by_id[node_id].yes if call.value else by_id[node_id].no
+            nxt = by_id[node_id].if_yes if call.value else by_id[node_id].if_no
             if isinstance(nxt, str):
                 state[i] = (nxt, path)
             else:

@@ -11,18 +11,21 @@
   the mean cosine similarity between the encoder embeddings of those questions and of the
   real question (``AR = 1/n sum_i cos(E(q_i), E(q))``).
 
-Verdicts that stay unparseable after retries are left out of the ratio and counted in
-``errors``; a metric with no parseable verdict at all is ``None``, never 0. Statements come from
-a sentence splitter, not from an LLM rewrite as Ragas does (deliberately: the small judges this
-runs on rewrite unreliably).
+Each metric has a ``*_scores`` twin over lists of items that asks the judge in one batch per
+metric (the harness's ``rag`` task uses those). Verdicts that stay unparseable after retries
+are left out of the ratio and counted in ``errors``; a metric with no parseable verdict at all
+is ``None``, never 0. Statements come from a sentence splitter, not from an LLM rewrite as
+Ragas does (deliberately: the small judges this runs on rewrite unreliably).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 from lmstack.eval.judges import ask, parse_yes_no, split_sentences
+
+T = TypeVar("T")
 
 SUPPORT_PROMPT = ("Context:\n{context}\n\nStatement: {statement}\n\nCan the statement be inferred from the "
                   "context? Answer yes or no.\nAnswer:")
@@ -35,7 +38,7 @@ QUESTION_PROMPT = ("Write one question that the following answer answers. Reply 
 @dataclass
 class RAGScore:
     value: Optional[float]  # None when no verdict parsed
-    verdicts: list[Optional[bool]] = field(default_factory=list)
+    verdicts: list[Optional[bool]] = field(default_factory=list)  # None: unparseable after retries
     errors: int = 0
 
 
@@ -44,20 +47,47 @@ def _ratio(verdicts: list[Optional[bool]]) -> RAGScore:
     return RAGScore(sum(ok) / len(ok) if ok else None, verdicts, len(verdicts) - len(ok))
 
 
-def _yes_no(model, prompts: list[str], seed: int, chat: bool) -> list[Optional[bool]]:
-    return [c.value for c in ask(model, prompts, parse_yes_no, seed, 2, chat, 4)]
+def _group(flat: list[T], sizes: list[int]) -> list[list[T]]:
+    out, start = [], 0
+    for n in sizes:
+        out.append(flat[start: start + n])
+        start += n
+    return out
+
+
+def _yes_no_groups(model, groups: list[list[str]], seed: int, chat: bool,
+                   temperature: float) -> list[list[Optional[bool]]]:
+    """One batched yes/no question per prompt, regrouped per item."""
+    flat = [p for g in groups for p in g]
+    verdicts = [c.value for c in ask(model, flat, parse_yes_no, seed, 2, chat, 4, temperature)]
+    return _group(verdicts, [len(g) for g in groups])
+
+
+def _supported_scores(model, texts: Sequence[str], contexts: Sequence[Sequence[str]], seed: int, chat: bool,
+                      temperature: float) -> list[RAGScore]:
+    groups = [[SUPPORT_PROMPT.format(context="\n\n".join(ctx), statement=s) for s in split_sentences(t)]
+              for t, ctx in zip(texts, contexts)]
+    return [_ratio(v) for v in _yes_no_groups(model, groups, seed, chat, temperature)]
+
+
+def faithfulness_scores(model, answers: Sequence[str], contexts: Sequence[Sequence[str]], seed: int = 0,
+                        chat: bool = True, temperature: float = 0.0) -> list[RAGScore]:
+    """Per item: the share of the answer's sentences that its retrieved contexts support."""
+    return _supported_scores(model, answers, contexts, seed, chat, temperature)
+
+
+def context_recall_scores(model, references: Sequence[str], contexts: Sequence[Sequence[str]], seed: int = 0,
+                          chat: bool = True, temperature: float = 0.0) -> list[RAGScore]:
+    """Per item: the share of the reference's sentences attributable to its retrieved contexts."""
+    return _supported_scores(model, references, contexts, seed, chat, temperature)
 
 
 def faithfulness(model, answer: str, contexts: Sequence[str], seed: int = 0, chat: bool = True) -> RAGScore:
-    statements = split_sentences(answer)
-    ctx = "\n\n".join(contexts)
-    return _ratio(_yes_no(model, [SUPPORT_PROMPT.format(context=ctx, statement=s) for s in statements], seed, chat))
+    return faithfulness_scores(model, [answer], [contexts], seed, chat)[0]
 
 
 def context_recall(model, reference: str, contexts: Sequence[str], seed: int = 0, chat: bool = True) -> RAGScore:
-    sentences = split_sentences(reference)
-    ctx = "\n\n".join(contexts)
-    return _ratio(_yes_no(model, [SUPPORT_PROMPT.format(context=ctx, statement=s) for s in sentences], seed, chat))
+    return context_recall_scores(model, [reference], [contexts], seed, chat)[0]
 
 
 def average_precision(useful: Sequence[bool]) -> float:
@@ -70,37 +100,61 @@ def average_precision(useful: Sequence[bool]) -> float:
     return total / hits if hits else 0.0
 
 
+def context_precision_scores(model, questions: Sequence[str], references: Sequence[str],
+                             contexts: Sequence[Sequence[str]], seed: int = 0, chat: bool = True,
+                             temperature: float = 0.0) -> list[RAGScore]:
+    """Per item: average precision of the chunks judged useful for the reference, in rank order."""
+    groups = [[USEFUL_PROMPT.format(question=q, reference=r, chunk=c) for c in ctx]
+              for q, r, ctx in zip(questions, references, contexts)]
+    out = []
+    for verdicts in _yes_no_groups(model, groups, seed, chat, temperature):
+        ok = [v for v in verdicts if v is not None]
+        # an unparseable chunk is dropped from the ranking (its rank is unknown), and counted
+        out.append(RAGScore(average_precision(ok) if ok else None, verdicts, len(verdicts) - len(ok)))
+    return out
+
+
 def context_precision(model, question: str, reference: str, contexts: Sequence[str], seed: int = 0,
                       chat: bool = True) -> RAGScore:
-    verdicts = _yes_no(model, [USEFUL_PROMPT.format(question=question, reference=reference, chunk=c)
-                               for c in contexts], seed, chat)
-    ok = [v for v in verdicts if v is not None]
-    # an unparseable chunk is dropped from the ranking (its rank is unknown), and counted
-    return RAGScore(average_precision(ok) if ok else None, verdicts, len(verdicts) - len(ok))
+    return context_precision_scores(model, [question], [reference], [contexts], seed, chat)[0]
+
+
+def default_embed() -> Callable[[list[str]], object]:
+    """Sentence embeddings with the default encoder (all-MiniLM-L6-v2), loaded once."""
+    from lmstack.model.encoder import Encoder
+
+    enc = Encoder.load()
+    return enc.encode
+
+
+def answer_relevance_scores(model, questions: Sequence[str], answers: Sequence[str],
+                            embed: Optional[Callable[[list[str]], object]] = None, n: int = 3, seed: int = 0,
+                            chat: bool = True) -> list[RAGScore]:
+    """Per item: mean cosine similarity between the question and ``n`` questions generated from
+    the answer (seeds ``seed .. seed + n - 1``, temperature 0.7 so they differ). ``verdicts`` has
+    one entry per generated question: True, or None when the judge wrote nothing usable."""
+    import torch
+
+    embed = embed or default_embed()
+    generated: list[list[Optional[str]]] = [[] for _ in answers]
+    for k in range(n):
+        calls = ask(model, [QUESTION_PROMPT.format(answer=a) for a in answers],
+                    lambda t: t.strip().split("\n")[0] or None, seed + k, 2, chat, 48, temperature=0.7)
+        for gen, c in zip(generated, calls):
+            gen.append(c.value)
+    out = []
+    for question, gen in zip(questions, generated):
+        ok = [q for q in gen if q]
+        verdicts = [True if q else None for q in gen]
+        if not ok:
+            out.append(RAGScore(None, verdicts, n))
+            continue
+        e = torch.as_tensor(embed([question] + ok), dtype=torch.float32)
+        e = torch.nn.functional.normalize(e, dim=-1)
+        out.append(RAGScore(float((e[1:] @ e[0]).mean()), verdicts, n - len(ok)))
+    return out
 
 
 def answer_relevance(model, question: str, answer: str, embed: Optional[Callable[[list[str]], object]] = None,
                      n: int = 3, seed: int = 0, chat: bool = True) -> RAGScore:
-    """Mean cosine similarity between the question and ``n`` questions generated from the answer
-    (seeds ``seed .. seed + n - 1``, temperature 0.7 so they differ)."""
-    import torch
-
-    if embed is None:
-        from lmstack.model.encoder import Encoder
-
-        enc = Encoder.load()
-
-        def embed(texts):
-            return enc.encode(texts)
-
-    gen = []
-    for k in range(n):
-        calls = ask(model, [QUESTION_PROMPT.format(answer=answer)], lambda t: t.strip().split("\n")[0] or None,
-                    seed + k, 2, chat, 48, temperature=0.7)
-        gen.append(calls[0].value)
-    ok = [q for q in gen if q]
-    if not ok:
-        return RAGScore(None, [], n)
-    e = torch.as_tensor(embed([question] + ok), dtype=torch.float32)
-    e = torch.nn.functional.normalize(e, dim=-1)
-    return RAGScore(float((e[1:] @ e[0]).mean()), [True] * len(ok), n - len(ok))
+    return answer_relevance_scores(model, [question], [answer], embed, n, seed, chat)[0]

@@ -29,7 +29,8 @@ from lmstack.eval.tasks import Model, SuiteConfig, TaskResult, run_task
 
 REPORT_VERSION = 2
 # metrics not on a [0, 1] higher-is-better scale, left out of the chart
-_NOT_UNIT = {"bleu", "chrf", "perplexity", "bits_per_byte", "judge_error_rate", "judge_seed_std"}
+_NOT_UNIT = {"bleu", "chrf", "perplexity", "bits_per_byte", "judge_error_rate", "judge_errors", "judge_seed_std",
+             "position_bias", "g_eval", "gpt_score", "selfcheck_ngram", "selfcheck_bertscore"}
 
 
 @dataclass

@@ -14,10 +14,10 @@ Kinds: ``multiple_choice`` (the choice with the highest log-likelihood: ``accura
 ``choices_as: text`` also ``accuracy_norm``, the log-likelihood divided by the choice's UTF-8
 byte length, as lm-evaluation-harness's acc / acc_norm), ``generative`` (generate, then text
 metrics against references), ``code`` (sample completions, run them in the sandbox,
-``pass@k``), ``judge`` (generate, then a judge grades each answer 1-5 against the reference;
-``judge_score`` in [0, 1], unparseable verdicts retried then counted as errors, never scored;
-with several ``judge_seeds`` the spread across seeds is reported) and ``perplexity``
-(``perplexity`` and ``bits_per_byte`` of a text set with a sliding window).
+``pass@k``) and ``perplexity`` (``perplexity`` and ``bits_per_byte`` of a text set with a
+sliding window). The kinds scored by a judge or by the model's own probabilities (``judge``,
+``pairwise``, ``g_eval``, ``dag``, ``selfcheck``, ``rag``, ``gpt_score``) live in
+``lmstack.eval.judge_tasks``.
 
 The model is a ``lmstack.eval.models`` model (batched ``generate_batch`` /
 ``loglikelihood_batch``) or anything with the per-item ``generate`` / ``chat`` /
@@ -32,16 +32,31 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Protocol, Sequence
+from typing import Literal, Optional, Protocol, Sequence, get_args
 
 from lmstack.errors import ConfigError, UnsupportedError
 from lmstack.eval import datasets as D
 from lmstack.eval.cache import OutputCache, cache_key, cached_map
+from lmstack.eval.judges import DAG, GEvalConfig
 from lmstack.eval.models import LLMModel  # noqa: F401  (re-exported: the harness's local model)
 from lmstack.eval.scoring import MetricValue, check_metric_names, from_item_scores, score
 
-Kind = Literal["multiple_choice", "generative", "code", "judge", "perplexity"]
-DatasetType = Literal["qa", "summarization", "translation", "multiple_choice", "code", "text"]
+Kind = Literal["multiple_choice", "generative", "code", "judge", "perplexity", "pairwise", "g_eval", "dag",
+               "selfcheck", "rag", "gpt_score"]
+DatasetType = Literal["qa", "summarization", "translation", "multiple_choice", "code", "text", "pairwise", "rag"]
+TEXT_TYPES = ("qa", "summarization", "translation")
+# the dataset types each kind reads
+KIND_DATASETS: dict[str, tuple[str, ...]] = {
+    "multiple_choice": ("multiple_choice",), "code": ("code",), "generative": TEXT_TYPES, "judge": TEXT_TYPES,
+    "perplexity": ("text", "summarization", "qa"), "pairwise": ("pairwise",) + TEXT_TYPES, "g_eval": TEXT_TYPES,
+    "dag": TEXT_TYPES, "selfcheck": TEXT_TYPES, "rag": ("rag",), "gpt_score": TEXT_TYPES,
+}
+JUDGE_KINDS = ("judge", "pairwise", "g_eval", "dag", "rag")  # the kinds that need a judge model
+RAG_METRICS = ("context_precision", "context_recall", "faithfulness", "answer_relevance")
+# shipped set name -> its dataset type
+SHIPPED = {"qa": "qa", "summarization": "summarization", "translation": "translation",
+           "multiple_choice": "multiple_choice", "code": "code", "humaneval": "code", "passages": "text",
+           "pairwise": "pairwise", "rag": "rag"}
 
 DEFAULT_PROMPTS = {
     "qa": "Answer the question using the passage. Reply with a short answer only.\n\n"
@@ -49,6 +64,8 @@ DEFAULT_PROMPTS = {
     "summarization": "Summarise the following text in one or two sentences.\n\n{document}\n\nSummary:",
     "translation": "Translate from {source_lang} to {target_lang}.\n\n{source}\n\nTranslation:",
     "multiple_choice": "Question: {question}\n{lettered_choices}\nAnswer:",
+    "rag": "Answer the question using the retrieved passages. Reply with a short answer only.\n\n"
+           "{passages}\n\nQuestion: {question}\nAnswer:",
 }
 DEFAULT_METRICS = {
     "qa": ["exact_match", "token_f1"],
@@ -61,45 +78,72 @@ DEFAULT_METRICS = {
 class TaskConfig:
     name: str
     kind: Kind
-    dataset: str  # a shipped set (qa, summarization, translation, multiple_choice, code, humaneval) or a path
+    dataset: str  # a shipped set (see SHIPPED) or a path
     dataset_type: Optional[DatasetType] = None  # needed when `dataset` is a path
-    metrics: list[str] = field(default_factory=list)  # empty: the dataset type's defaults
+    metrics: list[str] = field(default_factory=list)  # generative: text metrics; rag: judge metrics (empty: defaults)
     prompt: Optional[str] = None  # str.format template over the item's fields
     limit: Optional[int] = None  # first N items only
     max_new_tokens: int = 64
     temperature: float = 0.0
-    chat: bool = False  # generative/judge: send the prompt as a user chat message (instruct models)
-    n_samples: int = 1  # code: completions per problem
-    ks: list[int] = field(default_factory=lambda: [1])  # code: pass@k
+    chat: bool = False  # send prompts (the model's and the judge's) as a user chat message (instruct models)
+    n_samples: int = 1  # code: completions per problem; selfcheck: sampled answers to compare with (>= 2)
+    ks: list[int] = field(default_factory=lambda: [1])  # code: pass@k; rag: cut-offs of hit@k, recall@k, nDCG@k
     seed: int = 0  # sampling seed (temperature > 0); each row's seed derives from it and the row
     choices_as: Literal["letters", "text"] = "letters"  # multiple_choice: score " A".. or " <choice text>"
     judge_rubric: Optional[str] = None  # judge: the grading rubric (default: correctness vs the reference)
-    judge_seeds: list[int] = field(default_factory=lambda: [0])  # judge: one run per seed, spread reported
-    judge_temperature: float = 0.0
+    judge_seeds: list[int] = field(default_factory=lambda: [0])  # judge kinds: one run per seed, spread reported
+    judge_temperature: float = 0.0  # judge kinds: the judge's sampling temperature (retries use >= 0.7)
     window: Optional[int] = None  # perplexity: tokens per window (default: the model's context)
     stride: Optional[int] = None  # perplexity: window start step (default: window // 2)
+    g_eval: Optional[GEvalConfig] = None  # g_eval: criterion, criteria, steps, source_kind, output_kind
+    dag: Optional[DAG] = None  # dag: {root, nodes: [{id, question, if_yes, if_no}]}; a branch: node id or score
+    variant: Literal["ngram", "bertscore"] = "ngram"  # selfcheck: SelfCheckGPT's unigram or BERTScore variant
+    sample_temperature: float = 1.0  # selfcheck: temperature of the sampled answers
+    answer_source: Literal["model", "dataset"] = "model"  # rag: generate the answer, or score the item's `answer`
 
     def __post_init__(self) -> None:
-        shipped = {"qa": "qa", "summarization": "summarization", "translation": "translation",
-                   "multiple_choice": "multiple_choice", "code": "code", "humaneval": "code", "passages": "text"}
+        where = f"task {self.name!r}"
         if self.dataset_type is None:
-            if self.dataset not in shipped:
-                raise ConfigError(f"task {self.name!r}: dataset {self.dataset!r} is a path; set dataset_type "
-                                  f"to one of {list(DEFAULT_PROMPTS) + ['code', 'text']}")
-            self.dataset_type = shipped[self.dataset]  # type: ignore[assignment]
-        expected = {"multiple_choice": ("multiple_choice",), "code": ("code",),
-                    "generative": ("qa", "summarization", "translation"),
-                    "judge": ("qa", "summarization", "translation"),
-                    "perplexity": ("text", "summarization", "qa")}[self.kind]
+            if self.dataset not in SHIPPED:
+                raise ConfigError(f"{where}: dataset {self.dataset!r} is not a shipped set ({sorted(SHIPPED)}), "
+                                  f"so it is a path; set dataset_type to one of {list(get_args(DatasetType))}")
+            self.dataset_type = SHIPPED[self.dataset]  # type: ignore[assignment]
+        expected = KIND_DATASETS[self.kind]
         if self.dataset_type not in expected:
-            raise ConfigError(f"task {self.name!r}: kind {self.kind!r} needs a dataset of type {list(expected)}, "
+            raise ConfigError(f"{where}: kind {self.kind!r} needs a dataset of type {list(expected)}, "
                               f"got {self.dataset_type!r}")
+        for block in ("g_eval", "dag"):
+            if getattr(self, block) is not None and self.kind != block:
+                raise ConfigError(f"{where}: '{block}' applies to kind '{block}' only; this task's kind is "
+                                  f"{self.kind!r}")
+        if self.kind in JUDGE_KINDS and not self.judge_seeds:
+            raise ConfigError(f"{where}: judge_seeds is empty; expected at least one seed, e.g. [0]")
         if self.kind == "generative":
             self.metrics = self.metrics or list(DEFAULT_METRICS[self.dataset_type])
-            check_metric_names(self.metrics, f"task {self.name!r}")
+            check_metric_names(self.metrics, where)
         if self.kind == "code" and max(self.ks) > self.n_samples:
-            raise ConfigError(f"task {self.name!r}: ks={self.ks} needs n_samples >= {max(self.ks)}, "
-                              f"got {self.n_samples}")
+            raise ConfigError(f"{where}: ks={self.ks} needs n_samples >= {max(self.ks)}, got {self.n_samples}")
+        if self.kind == "g_eval" and self.g_eval is None and self.dataset_type != "summarization":
+            raise ConfigError(f"{where}: kind 'g_eval' on a {self.dataset_type!r} set needs a 'g_eval' block "
+                              "(criterion, criteria, steps, source_kind, output_kind); the default one rates "
+                              "the coherence of summaries")
+        if self.kind == "dag" and self.dag is None:
+            raise ConfigError(f"{where}: kind 'dag' needs a 'dag' block: {{root: <node id>, nodes: "
+                              "[{id, question, if_yes, if_no}, ...]}")
+        if self.kind == "selfcheck" and self.n_samples < 2:
+            raise ConfigError(f"{where}: kind 'selfcheck' needs n_samples >= 2 sampled answers to check the "
+                              f"answer against, got {self.n_samples}")
+        if self.kind == "selfcheck" and self.sample_temperature <= 0:
+            raise ConfigError(f"{where}: sample_temperature={self.sample_temperature}, expected > 0 (greedy "
+                              "samples would all repeat the answer)")
+        if self.kind == "rag":
+            self.metrics = self.metrics or list(RAG_METRICS)
+            unknown = [m for m in self.metrics if m not in RAG_METRICS]
+            if unknown:
+                raise ConfigError(f"{where}: metrics {unknown} are not RAG metrics; expected some of "
+                                  f"{list(RAG_METRICS)} (retrieval metrics are always reported)")
+            if not self.ks or any(k < 1 for k in self.ks):
+                raise ConfigError(f"{where}: ks={self.ks}, expected retrieval cut-offs >= 1, e.g. [1, 3]")
 
 
 @dataclass
@@ -149,9 +193,10 @@ def _items(task: TaskConfig) -> list:
     elif task.dataset_type == "text":
         items = _load_texts(None if task.dataset == "passages" else task.dataset)
     else:
-        path = None if task.dataset in ("qa", "summarization", "translation", "multiple_choice", "code") else task.dataset
+        path = None if task.dataset in SHIPPED else task.dataset
         loader = {"qa": D.load_qa, "summarization": D.load_summarization, "translation": D.load_translation,
-                  "multiple_choice": D.load_multiple_choice, "code": D.load_code_problems}[task.dataset_type]
+                  "multiple_choice": D.load_multiple_choice, "code": D.load_code_problems,
+                  "pairwise": D.load_pairwise, "rag": D.load_rag}[task.dataset_type]
         items = loader(path)
     return items[: task.limit] if task.limit else items
 
@@ -183,6 +228,8 @@ def _fields(item) -> dict:
     f = dataclasses.asdict(item)
     if "choices" in f:
         f["lettered_choices"] = "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(f["choices"]))
+    if isinstance(item, D.RAGItem):
+        f["passages"] = "\n\n".join(f"[{c['id']}] {c['text']}" for c in item.contexts)
     return f
 
 
@@ -191,6 +238,8 @@ def _references(item) -> list[str]:
         return item.answers
     if isinstance(item, D.SummarizationItem):
         return [item.summary]
+    if isinstance(item, D.RAGItem):
+        return [item.reference]
     return item.references
 
 
@@ -286,10 +335,23 @@ def mc_scores(lls: Sequence[float], choices: Sequence[str], answer: int) -> tupl
     return float(pick == answer), float(pick_norm == answer)
 
 
-def _worst(records: list[dict], key: Optional[str], k: int = 5) -> list[dict]:
+def _worst(records: list[dict], key: Optional[str], k: int = 5, higher_is_better: bool = True) -> list[dict]:
+    """The ``k`` worst records by ``key``; records without that score (judge errors) come first."""
     if key is None:
         return records[:k]
-    return sorted(records, key=lambda r: r["scores"].get(key, 0.0))[:k]
+    sign = 1.0 if higher_is_better else -1.0
+    return sorted(records, key=lambda r: (key in r["scores"], sign * r["scores"].get(key, 0.0)))[:k]
+
+
+def generate_answers(task: TaskConfig, model, items: list, cache: OutputCache,
+                     progress: bool) -> tuple[list[str], list[str]]:
+    """The task's prompt for each item and the model's answer (stripped), through the cache."""
+    prompts = [_prompt(task, it) for it in items]
+    bar = _Progress(len(prompts), task.name, progress)
+    preds = [y.strip() for y in generate_all(model, prompts, task.max_new_tokens, task.temperature, task.chat,
+                                             cache, task.seed, None, bar)]
+    bar.close()
+    return prompts, preds
 
 
 def run_task(task: TaskConfig, model: Model, judge: Optional[Model] = None, n_resamples: int = 1000,
@@ -301,6 +363,7 @@ def run_task(task: TaskConfig, model: Model, judge: Optional[Model] = None, n_re
     notes: list[str] = []
     per_item: dict[str, list[float]] = {}
     records: list[dict] = []
+    higher = True  # the direction of the metric that picks the worst examples
     if task.kind == "multiple_choice":
         reqs, spans = [], []
         for it in items:
@@ -348,64 +411,30 @@ def run_task(task: TaskConfig, model: Model, judge: Optional[Model] = None, n_re
                     "statuses": res.per_task[p.task_id],
                     "scores": {m: per_item[m][i] for m in per_item}} for i, p in enumerate(items)]
         key = f"pass@{task.ks[0]}"
-    else:
-        prompts = [_prompt(task, it) for it in items]
-        bar = _Progress(len(prompts), task.name, progress)
-        preds = [y.strip() for y in generate_all(model, prompts, task.max_new_tokens, task.temperature, task.chat,
-                                                 cache, task.seed, None, bar)]
-        bar.close()
+    elif task.kind == "generative":
+        prompts, preds = generate_answers(task, model, items, cache, progress)
         refs = [_references(it) for it in items]
-        if task.kind == "generative":
-            metrics, per_item = score(task.metrics, preds, refs, n_resamples, alpha, seed)
-            if "meteor" in task.metrics:
-                from lmstack.eval.meteor import synonym_stage_note
+        metrics, per_item = score(task.metrics, preds, refs, n_resamples, alpha, seed)
+        if "meteor" in task.metrics:
+            from lmstack.eval.meteor import synonym_stage_note
 
-                notes.append(synonym_stage_note())
-            key = next(iter(per_item), None)
-        else:
-            if judge is None:
-                raise ConfigError(f"task {task.name!r}: kind 'judge' needs a judge model")
-            metrics, per_item, judge_notes = _judge_task(task, judge, prompts, preds, refs, n_resamples, alpha, seed)
-            notes += judge_notes
-            key = "judge_score"
+            notes.append(synonym_stage_note())
+        key = next(iter(per_item), None)
         for i, (p, y, r) in enumerate(zip(prompts, preds, refs)):
             records.append({"id": ids[i], "prompt": p, "prediction": y, "references": r,
                             "scores": {m: v[i] for m, v in per_item.items() if len(v) == len(items)}})
+    else:
+        from lmstack.eval.judge_tasks import Stats, run_scored_kind
+
+        if task.kind in JUDGE_KINDS and judge is None:
+            raise ConfigError(f"task {task.name!r}: kind {task.kind!r} needs a judge model")
+        out = run_scored_kind(task, model, judge, items, cache, progress, Stats(n_resamples, alpha, seed))
+        metrics, per_item, records, key, higher = out.metrics, out.per_item, out.records, out.key, out.higher_is_better
+        notes += out.notes
     if getattr(model, "truncated", 0):
         notes.append(f"{model.truncated} prompts so far were cut from the left to fit the model's context")
-    return TaskResult(task.name, task.kind, len(items), metrics, notes, _worst(records, key),
+    return TaskResult(task.name, task.kind, len(items), metrics, notes, _worst(records, key, higher_is_better=higher),
                       ids if all(len(v) == len(ids) for v in per_item.values()) else [], per_item)
-
-
-def _judge_task(task: TaskConfig, judge, prompts, preds, refs, n_resamples, alpha, seed):
-    from lmstack.eval.judges import DEFAULT_RUBRIC, pointwise, seed_spread
-
-    per_seed, per_item_sum, per_item_n, errors = [], [0.0] * len(preds), [0] * len(preds), 0
-    for s in task.judge_seeds:
-        calls = pointwise(judge, prompts, preds, [r[0] for r in refs], task.judge_rubric or DEFAULT_RUBRIC,
-                          seed=s, chat=task.chat, temperature=task.judge_temperature)
-        ok = [c.value for c in calls if c.value is not None]
-        errors += len(calls) - len(ok)
-        if ok:
-            per_seed.append(sum(ok) / len(ok))
-        for i, c in enumerate(calls):
-            if c.value is not None:
-                per_item_sum[i] += c.value
-                per_item_n[i] += 1
-    scored = [per_item_sum[i] / per_item_n[i] for i in range(len(preds)) if per_item_n[i]]
-    total = len(preds) * len(task.judge_seeds)
-    metrics = {"judge_score": from_item_scores(scored, n_resamples, alpha, seed),
-               "judge_error_rate": MetricValue(errors / total if total else 0.0, None, None, total)}
-    notes = []
-    if errors:
-        notes.append(f"judge: {errors} of {total} verdicts stayed unparseable after retries; recorded as errors "
-                     "and left out of judge_score")
-    if len(task.judge_seeds) > 1 and per_seed:
-        mean, std = seed_spread(per_seed)
-        metrics["judge_seed_std"] = MetricValue(std, None, None, len(per_seed))
-        notes.append(f"judge: score across seeds {task.judge_seeds}: mean {mean:.4f}, std {std:.4f}")
-    per_item = {"judge_score": scored} if len(scored) == len(preds) else {}
-    return metrics, per_item, notes
 
 
 def _perplexity_task(task: TaskConfig, model, items, n_resamples, alpha, seed):

@@ -12,6 +12,11 @@ Shipped sets (JSONL, one object per line, original text written for lmstack):
   ``answer`` (index of the correct choice).
 * ``pairwise.jsonl`` (12): ``id``, ``question``, ``answer_1``, ``answer_2``, ``label`` (the
   better answer, "1" or "2"): a labelled fixture for pairwise judges.
+* ``rag.jsonl`` (16): ``id``, ``question``, ``contexts`` (the retrieved passages of
+  ``passages.jsonl`` in rank order, each ``{"id", "text"}``), ``gold_ids`` (the passages that
+  hold the answer; on two items the retriever missed them), ``reference`` (a gold answer) and
+  ``answer`` (a written RAG answer: most are faithful to the contexts, a few add an unsupported
+  claim or answer from outside them).
 * ``code.jsonl`` (12): HumanEval's schema: ``task_id``, ``prompt``, ``canonical_solution``,
   ``test`` (defines ``check(candidate)``), ``entry_point``.
 
@@ -132,6 +137,39 @@ def load_pairwise(path: Optional[PathLike] = None) -> list[PairwiseItem]:
     for n, it in enumerate(items, 1):
         if it.label not in (None, "1", "2", "tie"):
             raise LMStackError(f"{where}:{n}: label {it.label!r}, expected '1', '2' or 'tie'")
+    return items
+
+
+@dataclass
+class RAGItem:
+    id: str
+    question: str
+    contexts: list[dict]  # retrieved chunks in rank order, each {"id": str, "text": str}
+    gold_ids: list[str]  # ids of the relevant chunks (possibly not retrieved)
+    reference: str
+    answer: Optional[str] = None  # a system's answer, scored with `answer_source: dataset`
+
+    @property
+    def context_ids(self) -> list[str]:
+        return [c["id"] for c in self.contexts]
+
+    @property
+    def context_texts(self) -> list[str]:
+        return [c["text"] for c in self.contexts]
+
+
+def load_rag(path: Optional[PathLike] = None) -> list[RAGItem]:
+    """The shipped RAG set or a JSONL file of the same schema."""
+    rows, where = _rows(path, "rag.jsonl")
+    items = [_build(RAGItem, r, f"{where}:{n}") for n, r in enumerate(rows, 1)]
+    for n, it in enumerate(items, 1):
+        if not isinstance(it.contexts, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("text"), str)
+                for c in it.contexts):
+            raise LMStackError(f"{where}:{n}: 'contexts' must be a list of {{\"id\": str, \"text\": str}} objects")
+        if not isinstance(it.gold_ids, list) or not all(isinstance(g, str) for g in it.gold_ids):
+            raise LMStackError(f"{where}:{n}: 'gold_ids' must be a list of context ids (strings), "
+                               f"got {it.gold_ids!r}")
     return items
 
 
@@ -285,4 +323,5 @@ SHIPPED = {
     "multiple_choice": load_multiple_choice,
     "code": load_code_problems,
     "pairwise": load_pairwise,
+    "rag": load_rag,
 }

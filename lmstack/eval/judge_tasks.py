@@ -1,0 +1,404 @@
+"""Harness task kinds scored by a judge model or by the evaluated model's own probabilities.
+
+* ``judge``: the judge grades the model's answer 1-5 against the reference (``judge_score`` in
+  [0, 1]).
+* ``pairwise``: two answers per item, judged in both orders (``judges.pairwise``): the
+  dataset's ``answer_1`` / ``answer_2`` (a ``pairwise`` set), or the model's answer against the
+  reference. ``win_rate`` of answer 1 (a tie counts one half), ``position_bias`` (share of
+  items whose preferred answer changes when the order is swapped), ``agreement`` with the
+  set's human label where there is one.
+* ``g_eval``: G-Eval on the model's answer (``g_eval`` on the paper's 1-5 scale), weighted by
+  the judge's next-token probabilities when it exposes them, else the parsed integer; a note
+  says which was used.
+* ``dag``: the YAML's decision graph of yes/no checks (``dag_score``, the leaf reached).
+* ``rag``: retrieval metrics of the ranked context ids against the gold ids (``hit@k``,
+  ``recall@k``, ``ndcg@k``, ``mrr``) and the judge's ``context_precision``,
+  ``context_recall``, ``faithfulness`` and ``answer_relevance`` of the item's or the model's
+  answer.
+* ``selfcheck``: SelfCheckGPT on the model's answer against ``n_samples`` answers sampled at
+  ``sample_temperature`` (``selfcheck_ngram`` or ``selfcheck_bertscore``, the mean over the
+  answer's sentences; higher means less supported by the samples). No judge.
+* ``gpt_score``: the mean token log-probability of the reference given the task's prompt under
+  the evaluated model (GPTScore, ``lm_metrics.gpt_score``); local models only. No judge.
+
+Every judge request goes through ``CachedJudge``: replies (and G-Eval's option probabilities)
+are stored in the output cache, keyed by the judge's identity, the prompt, the sampling
+parameters and the seed, so a re-run after a kill asks the judge nothing it already answered.
+The model's answers and samples go through ``generate_all`` and the same cache.
+
+Judge kinds run once per entry of ``judge_seeds``. An item's score is the mean over the seeds
+whose verdict parsed; an item no seed could score is left out of the task score (never scored
+as 0). ``judge_errors`` counts the verdicts that stayed unparseable after retries (its ``n``
+is the number of verdicts asked; ``judge_error_rate`` is their share) and, with several
+seeds, ``judge_seed_std`` is the standard deviation of the task score across seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+from lmstack.errors import ConfigError, UnsupportedError
+from lmstack.eval import datasets as D
+from lmstack.eval import rag_metrics as R
+from lmstack.eval import retrieval
+from lmstack.eval.cache import OutputCache, cached_map
+from lmstack.eval.judges import (DEFAULT_RUBRIC, GEvalConfig, dag_judge, g_eval, pairwise, pointwise, seed_spread,
+                                 selfcheck_bertscore, selfcheck_ngram, split_sentences)
+from lmstack.eval.lm_metrics import gpt_score
+from lmstack.eval.scoring import MetricValue, from_item_scores
+from lmstack.eval.tasks import (TaskConfig, _batch_size, _fields, _item_id, _model_id, _Progress, _prompt,
+                                _references, generate_all, generate_answers)
+
+# a judged item: metric -> value (None: not applicable to this item); None for the whole item
+# when its verdict stayed unparseable
+Row = Optional[dict[str, Optional[float]]]
+
+
+@dataclass
+class Stats:
+    n_resamples: int = 1000
+    alpha: float = 0.05
+    seed: int = 0
+
+    def value(self, scores: Sequence[float]) -> MetricValue:
+        return from_item_scores(scores, self.n_resamples, self.alpha, self.seed)
+
+
+@dataclass
+class KindResult:
+    metrics: dict[str, MetricValue]
+    per_item: dict[str, list[float]]  # only metrics with a score for every item (what `compare` pairs)
+    records: list[dict]
+    key: Optional[str]  # the metric that picks the worst examples
+    notes: list[str] = field(default_factory=list)
+    higher_is_better: bool = True
+
+
+class CachedJudge:
+    """A judge model behind the output cache: ``generate_batch`` and ``option_probs`` answer from
+    the cache when they can and store what the model computes, batch by batch."""
+
+    def __init__(self, model, cache: OutputCache) -> None:
+        self.model, self.cache = model, cache
+        self.identity = _model_id(model, cache)
+
+    def generate_batch(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
+                       seeds: Optional[Sequence[Optional[int]]] = None, chat: bool = False) -> list[str]:
+        seeds = list(seeds) if seeds is not None else [None] * len(prompts)
+        payloads = [{"prompt": p, "chat": chat, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                     "seed": s} for p, s in zip(prompts, seeds)]
+
+        def compute(batch: list[dict]) -> list[str]:
+            ps = [b["prompt"] for b in batch]
+            if hasattr(self.model, "generate_batch"):
+                return self.model.generate_batch(ps, max_new_tokens, temperature, seeds=[b["seed"] for b in batch],
+                                                 chat=chat)
+            ask = self.model.chat if chat else self.model.generate
+            return [ask(p, max_new_tokens, temperature) for p in ps]
+
+        return cached_map(self.cache, self.identity, "judge", payloads, compute, _batch_size(self.model))
+
+    def option_probs(self, prompt: str, options: Sequence[str], chat: bool = True) -> Optional[list[float]]:
+        if not hasattr(self.model, "option_probs"):
+            return None
+        payload = {"prompt": prompt, "options": list(options), "chat": chat}
+        return cached_map(self.cache, self.identity, "option_probs", [payload],
+                          lambda batch: [self.model.option_probs(prompt, options, chat)], 1)[0]
+
+
+def run_scored_kind(task: TaskConfig, model, judge, items: list, cache: OutputCache, progress: bool,
+                    stats: Stats) -> KindResult:
+    run = {"judge": _pointwise, "pairwise": _pairwise, "g_eval": _g_eval, "dag": _dag, "rag": _rag,
+           "selfcheck": _selfcheck, "gpt_score": _gpt_score}[task.kind]
+    return run(task, model, CachedJudge(judge, cache) if judge is not None else None, items, cache, progress, stats)
+
+
+# -- judges over seeds -----------------------------------------------------------------------
+
+@dataclass
+class Judged:
+    """What ``over_seeds`` collects: per metric and item, the values of the seeds that scored it."""
+
+    scores: dict[str, list[list[float]]]
+    details: list[list[dict]]  # per item, one record per seed (replies, verdicts, paths)
+    errors: int
+    asked: int
+    per_seed: list[float]  # the primary metric's mean per seed (over the items it scored)
+
+
+def over_seeds(task: TaskConfig, n_items: int, names: Sequence[str], primary: str,
+               run_one: Callable[[int], tuple[list[Row], list[dict], int, int]]) -> Judged:
+    """``run_one(seed)`` -> (rows, details, errors, verdicts asked), once per judge seed."""
+    out = Judged({m: [[] for _ in range(n_items)] for m in names}, [[] for _ in range(n_items)], 0, 0, [])
+    for seed in task.judge_seeds:
+        rows, details, errors, asked = run_one(seed)
+        out.errors += errors
+        out.asked += asked
+        for i, (row, d) in enumerate(zip(rows, details)):
+            out.details[i].append({"seed": seed, **d})
+            for m, v in (row or {}).items():
+                if v is not None:
+                    out.scores[m][i].append(float(v))
+        ok = [row[primary] for row in rows if row and row.get(primary) is not None]
+        if ok:
+            out.per_seed.append(sum(ok) / len(ok))
+    return out
+
+
+def judged_metrics(task: TaskConfig, judged: Judged, primary: str,
+                   stats: Stats) -> tuple[dict[str, MetricValue], dict[str, list[float]], list[str]]:
+    """Task metrics from per-item means over seeds, the error count and the spread across seeds."""
+    metrics: dict[str, MetricValue] = {}
+    per_item: dict[str, list[float]] = {}
+    for m, per in judged.scores.items():
+        means = [sum(v) / len(v) for v in per if v]
+        if not means and m != primary:  # e.g. agreement on a set without labels
+            continue
+        metrics[m] = stats.value(means)
+        if len(means) == len(per):
+            per_item[m] = means
+    e, n = judged.errors, judged.asked
+    metrics["judge_errors"] = MetricValue(float(e), None, None, n)
+    metrics["judge_error_rate"] = MetricValue(e / n if n else 0.0, None, None, n)
+    notes = []
+    if e:
+        notes.append(f"judge: {e} of {n} verdicts stayed unparseable after retries; recorded as errors and "
+                     "left out of the scores")
+    if len(task.judge_seeds) > 1 and judged.per_seed:
+        mean, std = seed_spread(judged.per_seed)
+        metrics["judge_seed_std"] = MetricValue(std, None, None, len(judged.per_seed))
+        notes.append(f"judge: {primary} across seeds {task.judge_seeds}: mean {mean:.4f}, std {std:.4f}")
+    return metrics, per_item, notes
+
+
+def _item_scores(judged: Judged, i: int) -> dict[str, float]:
+    return {m: sum(v[i]) / len(v[i]) for m, v in judged.scores.items() if v[i]}
+
+
+def _answered(task: TaskConfig, model, items: list, cache: OutputCache, progress: bool):
+    """(prompts, the model's answers, the first reference) per item."""
+    prompts, preds = generate_answers(task, model, items, cache, progress)
+    return prompts, preds, [_references(it)[0] for it in items]
+
+
+def _judged_result(task: TaskConfig, judged: Judged, primary: str, stats: Stats, records: list[dict],
+                   notes: Sequence[str] = ()) -> KindResult:
+    metrics, per_item, judge_notes = judged_metrics(task, judged, primary, stats)
+    for i, r in enumerate(records):
+        r["scores"] = _item_scores(judged, i)
+        r["judge"] = judged.details[i]
+    return KindResult(metrics, per_item, records, primary, list(notes) + judge_notes)
+
+
+# -- the kinds -------------------------------------------------------------------------------
+
+def _pointwise(task, model, judge, items, cache, progress, stats) -> KindResult:
+    prompts, preds, refs = _answered(task, model, items, cache, progress)
+
+    def one(seed):
+        calls = pointwise(judge, prompts, preds, refs, task.judge_rubric or DEFAULT_RUBRIC, seed=seed,
+                          chat=task.chat, temperature=task.judge_temperature)
+        rows = [None if c.value is None else {"judge_score": c.value} for c in calls]
+        details = [{"replies": c.replies, "error": c.error} for c in calls]
+        return rows, details, sum(c.value is None for c in calls), len(calls)
+
+    judged = over_seeds(task, len(items), ["judge_score"], "judge_score", one)
+    records = [{"id": _item_id(it), "prompt": p, "prediction": y, "references": _references(it)}
+               for it, p, y in zip(items, prompts, preds)]
+    return _judged_result(task, judged, "judge_score", stats, records)
+
+
+_WIN = {"1": 1.0, "2": 0.0, "tie": 0.5}
+
+
+def _pairwise(task, model, judge, items, cache, progress, stats) -> KindResult:
+    if task.dataset_type == "pairwise":
+        questions = [it.question for it in items]
+        first, second, labels = [it.answer_1 for it in items], [it.answer_2 for it in items], [it.label for it in items]
+    else:  # the model's answer (1) against the reference (2)
+        questions, first, second = _answered(task, model, items, cache, progress)
+        labels = [None] * len(items)
+
+    def one(seed):
+        s = pairwise(judge, questions, first, second, labels, seed=seed, chat=task.chat,
+                     temperature=task.judge_temperature)
+        rows: list[Row] = []
+        for v, label in zip(s.verdicts, labels):
+            rows.append(None if v.error else {
+                "win_rate": _WIN[v.winner], "position_bias": float(v.flipped),
+                "agreement": None if label is None else float(v.winner == label)})
+        details = [{"first_order": v.first_order, "swapped_order": v.swapped_order, "winner": v.winner,
+                    "error": v.error} for v in s.verdicts]
+        return rows, details, s.n_errors, s.n
+
+    judged = over_seeds(task, len(items), ["win_rate", "agreement", "position_bias"], "win_rate", one)
+    records = [{"id": _item_id(it), "prompt": q, "prediction": a, "references": [b], "label": lab}
+               for it, q, a, b, lab in zip(items, questions, first, second, labels)]
+    return _judged_result(task, judged, "win_rate", stats, records)
+
+
+def _source(item) -> str:
+    """What G-Eval shows the judge as the source: the document, the source sentence, or the
+    question with its passage."""
+    if isinstance(item, D.SummarizationItem):
+        return item.document
+    if isinstance(item, D.TranslationItem):
+        return item.source
+    return f"{item.context}\n\nQuestion: {item.question}" if item.context else item.question
+
+
+def _g_eval(task, model, judge, items, cache, progress, stats) -> KindResult:
+    prompts, preds, _ = _answered(task, model, items, cache, progress)
+    cfg = task.g_eval or GEvalConfig()
+    sources = [_source(it) for it in items]
+
+    def one(seed):
+        calls = g_eval(judge, sources, preds, cfg, seed=seed, chat=task.chat, temperature=task.judge_temperature)
+        rows = [None if c.value is None else {"g_eval": float(c.value)} for c in calls]
+        details = [{"mode": "parsed" if c.probs is None else "probabilities", "probs": c.probs,
+                    "replies": c.replies, "error": c.error} for c in calls]
+        return rows, details, sum(c.value is None for c in calls), len(calls)
+
+    judged = over_seeds(task, len(items), ["g_eval"], "g_eval", one)
+    weighted = sum(d["mode"] == "probabilities" for per in judged.details for d in per)
+    total = sum(len(per) for per in judged.details)
+    note = (f"g_eval: {weighted} of {total} scores weighted by the judge's next-token probabilities of 1-5, "
+            f"{total - weighted} parsed from its reply")
+    records = [{"id": _item_id(it), "prompt": p, "prediction": y, "references": _references(it)}
+               for it, p, y in zip(items, prompts, preds)]
+    return _judged_result(task, judged, "g_eval", stats, records, [note])
+
+
+def _dag(task, model, judge, items, cache, progress, stats) -> KindResult:
+    prompts, preds, refs = _answered(task, model, items, cache, progress)
+    fields = [{**_fields(it), "prompt": p, "answer": y, "reference": r}
+              for it, p, y, r in zip(items, prompts, preds, refs)]
+    for node in task.dag.nodes if fields else []:
+        try:
+            node.question.format(**fields[0])
+        except (KeyError, IndexError) as e:
+            raise ConfigError(f"task {task.name!r}: dag node {node.id!r} asks {node.question!r}, which uses "
+                              f"{{{e.args[0]}}}; the fields are {sorted(fields[0])}") from None
+
+    def one(seed):
+        out = dag_judge(judge, task.dag, fields, seed=seed, chat=task.chat, temperature=task.judge_temperature)
+        rows = [None if score is None else {"dag_score": score} for score, _, _ in out]
+        details = [{"path": [[node, answer] for node, answer in path], "error": err} for _, path, err in out]
+        return rows, details, sum(score is None for score, _, _ in out), len(out)
+
+    judged = over_seeds(task, len(items), ["dag_score"], "dag_score", one)
+    records = [{"id": _item_id(it), "prompt": p, "prediction": y, "references": _references(it)}
+               for it, p, y in zip(items, prompts, preds)]
+    return _judged_result(task, judged, "dag_score", stats, records)
+
+
+def _rag(task, model, judge, items, cache, progress, stats) -> KindResult:
+    if task.answer_source == "dataset":
+        missing = [it.id for it in items if not it.answer]
+        if missing:
+            raise ConfigError(f"task {task.name!r}: answer_source 'dataset' needs an 'answer' on every item; "
+                              f"missing on {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        prompts, answers = [it.question for it in items], [it.answer for it in items]
+    else:
+        prompts, answers = generate_answers(task, model, items, cache, progress)
+    questions, refs = [it.question for it in items], [it.reference for it in items]
+    contexts = [it.context_texts for it in items]
+    ranked, gold = [it.context_ids for it in items], [it.gold_ids for it in items]
+
+    retrieval_scores = {"mrr": retrieval.reciprocal_rank_scores(ranked, gold)}
+    for k in task.ks:
+        retrieval_scores[f"hit@{k}"] = retrieval.hit_at_k_scores(ranked, gold, k)
+        retrieval_scores[f"recall@{k}"] = retrieval.recall_at_k_scores(ranked, gold, k)
+        retrieval_scores[f"ndcg@{k}"] = retrieval.ndcg_at_k_scores(ranked, gold, k)
+    embed = R.default_embed() if "answer_relevance" in task.metrics else None
+    chat, temp = task.chat, task.judge_temperature
+    metric_fns = {  # seed -> a RAGScore per item
+        "faithfulness": lambda seed: R.faithfulness_scores(judge, answers, contexts, seed, chat, temp),
+        "context_recall": lambda seed: R.context_recall_scores(judge, refs, contexts, seed, chat, temp),
+        "context_precision": lambda seed: R.context_precision_scores(judge, questions, refs, contexts, seed,
+                                                                     chat, temp),
+        "answer_relevance": lambda seed: R.answer_relevance_scores(judge, questions, answers, embed, seed=seed,
+                                                                   chat=chat),
+    }
+
+    def one(seed):
+        scores = {m: metric_fns[m](seed) for m in task.metrics}
+        rows = [{m: scores[m][i].value for m in task.metrics} for i in range(len(items))]
+        details = [{m: {"verdicts": scores[m][i].verdicts, "errors": scores[m][i].errors} for m in task.metrics}
+                   for i in range(len(items))]
+        errors = sum(s.errors for per in scores.values() for s in per)
+        return rows, details, errors, sum(len(s.verdicts) for per in scores.values() for s in per)
+
+    primary = "faithfulness" if "faithfulness" in task.metrics else task.metrics[0]
+    judged = over_seeds(task, len(items), task.metrics, primary, one)
+    records = [{"id": _item_id(it), "prompt": p, "prediction": a, "references": [it.reference],
+                "retrieved": it.context_ids, "gold_ids": it.gold_ids} for it, p, a in zip(items, prompts, answers)]
+    empty = sum(not split_sentences(a) for a in answers)
+    notes = [f"rag: {empty} answers have no sentence to check; left out of faithfulness"] \
+        if empty and "faithfulness" in task.metrics else []
+    out = _judged_result(task, judged, primary, stats, records, notes)
+    out.metrics = {**{m: stats.value(per) for m, per in retrieval_scores.items()}, **out.metrics}
+    out.per_item.update(retrieval_scores)
+    for i, r in enumerate(out.records):
+        r["scores"].update({m: per[i] for m, per in retrieval_scores.items()})
+    return out
+
+
+def _selfcheck(task, model, judge, items, cache, progress, stats) -> KindResult:
+    prompts, preds = generate_answers(task, model, items, cache, progress)
+    n = task.n_samples
+    bar = _Progress(len(prompts) * n, f"{task.name} samples", progress)
+    flat = generate_all(model, [p for p in prompts for _ in range(n)], task.max_new_tokens, task.sample_temperature,
+                        task.chat, cache, task.seed, [k for _ in prompts for k in range(n)], bar)
+    bar.close()
+    samples = [[s.strip() for s in flat[i * n: (i + 1) * n]] for i in range(len(prompts))]
+    sentences = [split_sentences(y) for y in preds]
+    if task.variant == "ngram":
+        per_sentence = [[avg for avg, _ in selfcheck_ngram(s, smp)] for s, smp in zip(sentences, samples)]
+    else:
+        f1 = _bertscore_f1()
+        per_sentence = [selfcheck_bertscore(s, smp, f1) for s, smp in zip(sentences, samples)]
+    name = f"selfcheck_{task.variant}"
+    scored = [sum(v) / len(v) if v else None for v in per_sentence]
+    ok = [v for v in scored if v is not None]
+    notes = [f"selfcheck: {len(prompts) - len(ok)} empty answers have no sentence to check; left out"] \
+        if len(ok) < len(prompts) else []
+    records = [{"id": _item_id(it), "prompt": p, "prediction": y, "references": _references(it), "samples": smp,
+                "sentence_scores": v, "scores": {} if sc is None else {name: sc}}
+               for it, p, y, smp, v, sc in zip(items, prompts, preds, samples, per_sentence, scored)]
+    return KindResult({name: stats.value(ok)}, {name: ok} if len(ok) == len(prompts) else {}, records, name, notes,
+                      higher_is_better=False)
+
+
+def _bertscore_f1() -> Callable[[list[str], list[str]], list[float]]:
+    """BERTScore F1 with the default encoder, loaded once for the whole task."""
+    from lmstack.eval.bertscore import bertscore_scores
+    from lmstack.model.encoder import Encoder
+
+    encoder = Encoder.load()
+    return lambda preds, refs: bertscore_scores(preds, refs, encoder)["f1"]
+
+
+def _gpt_score(task, model, judge, items, cache, progress, stats) -> KindResult:
+    llm = getattr(model, "llm", None)
+    if llm is None:
+        raise UnsupportedError(f"task {task.name!r}: gpt_score needs a local model (an endpoint gives no "
+                               "prompt log-probabilities through the chat API)")
+    prompts = [_prompt(task, it) for it in items]
+    outputs = [_references(it)[0] for it in items]
+    # the output follows the prompt after a space, as an answer would be generated
+    payloads = [{"context": p, "continuation": o if p.endswith((" ", "\n")) else " " + o}
+                for p, o in zip(prompts, outputs)]
+
+    def compute(batch: list[dict]) -> list[float]:
+        return gpt_score(llm, [b["context"] for b in batch], [b["continuation"] for b in batch], "{source}",
+                         _batch_size(model))
+
+    bar = _Progress(len(payloads), task.name, progress)
+    values = cached_map(cache, _model_id(model, cache), "gpt_score", payloads, compute,
+                        max(_batch_size(model), 16), bar)
+    bar.close()
+    records = [{"id": _item_id(it), "prompt": p, "references": [o], "scores": {"gpt_score": v}}
+               for it, p, o, v in zip(items, prompts, outputs, values)]
+    return KindResult({"gpt_score": stats.value(values)}, {"gpt_score": values}, records, "gpt_score")

@@ -573,3 +573,180 @@ gates: ["pw.position_bias <= 1.0", "rag.faithfulness >= 0.5"]
     report.write(tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| g | g_eval | 4 |" in md and "| rag | faithfulness | 1 |" in md and "| pw | judge_errors | 0 |" in md
+
+
+# -- likelihood verdicts ---------------------------------------------------------------------
+
+class LikelihoodJudge(Judge):
+    """A local-style judge: ``score(prompt, option)`` is the log-likelihood of ``option`` as its
+    reply (``scored`` records those prompts); ``reply`` answers what still needs generation."""
+
+    def __init__(self, score, reply=lambda p, s, t: "When does water freeze?"):
+        super().__init__(reply)
+        self.score, self.scored = score, []
+
+    def option_loglikelihoods(self, prompts, options, chat=True):
+        self.scored += list(prompts)
+        return [[self.score(p, o) for o in options] for p in prompts]
+
+
+def likelihood_label_judge(close=()):
+    """Prefers the labelled answer of the shipped pairwise set by 2 nats, by 0.05 on ``close``."""
+    items = {it.question: it for it in D.load_pairwise()}
+
+    def score(prompt, option):
+        it = items[between(prompt, "Question: ", "\n")]
+        better = it.answer_1 if it.label == "1" else it.answer_2
+        return 0.0 if between(prompt, f"Response {option}: ", "\n\n") == better else (
+            -0.05 if it.id in close else -2.0)
+
+    return LikelihoodJudge(score)
+
+
+def test_pairwise_likelihood_verdicts_report_margins_and_low_confidence():
+    judge = likelihood_label_judge(close={"pw-004", "pw-007"})
+    res = run(TaskConfig(name="pw", kind="pairwise", dataset="pairwise", judge_mode="likelihood",
+                         judge_seeds=[0, 1, 2]), judge=judge)
+    m = {k: v.value for k, v in res.metrics.items()}
+    assert m["agreement"] == 1.0 and m["position_bias"] == 0.0 and m["judge_errors"] == 0
+    assert m["judge_low_confidence"] == pytest.approx(4 / 24) and res.metrics["judge_low_confidence"].n == 24
+    assert judge.prompts == [] and len(judge.scored) == 24  # no generation; each order once, one seed
+    assert "judge_seed_std" not in m
+    assert any("4 of 24 were decided by a margin below 0.2 nats (low confidence)" in n for n in res.notes)
+    assert any("does not depend on the seed, so the judge ran once, with seed 0 (judge_seeds [0, 1, 2])" in n
+               for n in res.notes)
+    rec = res.examples[0]
+    assert rec["judge"][0]["seed"] == 0 and len(rec["judge"]) == 1
+    assert rec["judge"][0]["margins"] == pytest.approx([0.05, 0.05] if rec["id"] in {"pw-004", "pw-007"}
+                                                       else [2.0, 2.0])
+
+
+def test_a_likelihood_judge_that_prefers_the_first_position_has_position_bias_one():
+    judge = LikelihoodJudge(lambda p, o: 0.0 if o == "A" else -1.0)
+    res = run(TaskConfig(name="pw", kind="pairwise", dataset="pairwise", judge_mode="likelihood"), judge=judge)
+    assert res.metrics["position_bias"].value == 1.0 and res.metrics["win_rate"].value == 0.5  # every item a tie
+    assert res.metrics["judge_low_confidence"].value == 0.0 and res.metrics["judge_errors"].value == 0
+
+
+def test_likelihood_grades_and_checks_in_the_other_judge_kinds(tmp_path):
+    probs = [0.05, 0.1, 0.2, 0.4, 0.25]
+    grader = LikelihoodJudge(lambda p, o: math.log(probs[int(o) - 1]))
+    res = run(TaskConfig(name="j", kind="judge", dataset="qa", limit=2, judge_mode="likelihood"), qa_model(), grader)
+    assert res.item_scores["judge_score"] == [0.75, 0.75]
+    assert res.item_scores["judge_score_weighted"] == pytest.approx([(3.7 - 1) / 4] * 2)
+    assert res.examples[0]["judge"][0]["probs"] == pytest.approx(probs)
+    g = run(TaskConfig(name="g", kind="g_eval", dataset="summarization", limit=2, judge_mode="likelihood"),
+            summary_model(), grader)
+    assert g.item_scores["g_eval"] == pytest.approx([3.7, 3.7]) and grader.prompts == []
+    assert "g_eval: all 2 scores weighted by the judge's likelihoods of the answers 1-5" in g.notes
+
+    (tmp_path / "s.yaml").write_text(DAG_SUITE + "    judge_mode: likelihood\n")
+    (dag_task,) = load_config(SuiteConfig, tmp_path / "s.yaml").tasks
+    yes_no = dag_judge_model().reply  # the generated verdicts, turned into likelihoods
+
+    def checks(prompt, option):
+        return -0.5 if option.lower() in yes_no(prompt, 0, 0.0).lower() else -1.0
+
+    dag = run(dag_task, qa_model(), LikelihoodJudge(checks))
+    assert dag.item_scores["dag_score"] == [1.0, 0.0, 1.0, 0.0]
+    assert dag.metrics["judge_low_confidence"].value == 0.0 and dag.metrics["judge_low_confidence"].n == 6
+    assert all(len(r["judge"][0]["margins"]) == len(r["judge"][0]["path"]) for r in dag.examples)
+
+
+def test_rag_likelihood_checks_keep_margins_and_still_generate_questions(tmp_path, monkeypatch):
+    import lmstack.eval.rag_metrics as R
+
+    monkeypatch.setattr(R, "default_embed", lambda: stub_embed)
+    generated = rag_judge().reply
+
+    def checks(prompt, option):  # the scripted verdicts; the unparseable one becomes a close call
+        said = generated(prompt, 0, 0.0)
+        if said == "???":
+            return -0.1 if option.lower() == "no" else -0.15
+        return -0.2 if option.lower() == said else -2.0
+
+    judge = LikelihoodJudge(checks, generated)
+    task = TaskConfig(name="rag", kind="rag", dataset=rag_file(tmp_path), dataset_type="rag",
+                      answer_source="dataset", judge_mode="likelihood")
+    res = run(task, judge=judge)
+    assert res.item_scores["faithfulness"] == [0.5, 0.0] and res.item_scores["context_precision"] == [0.5, 0.0]
+    assert res.item_scores["context_recall"] == [0.5, 1.0]  # "boils ..." is now a (close) "no", not an error
+    assert res.metrics["judge_errors"].value == 0 and len(judge.scored) == 3 + 3 + 3
+    assert res.metrics["judge_low_confidence"].value == pytest.approx(1 / 9)
+    assert len(judge.prompts) == 6  # answer_relevance: 3 generated questions per answer
+    assert any("answer_relevance still generates its questions" in n for n in res.notes)
+    rec = next(r for r in res.examples if r["id"] == "a")
+    assert rec["judge"][0]["context_recall"]["margins"] == pytest.approx([1.8, 0.05])
+
+
+def test_likelihood_mode_needs_a_judge_with_loglikelihoods(tmp_path):
+    from lmstack.eval.models import OpenAIModel
+
+    endpoint = OpenAIModel("judge-model", base_url="http://127.0.0.1:9/v1", max_retries=0)  # never reached
+    task = TaskConfig(name="pw", kind="pairwise", dataset="pairwise", judge_mode="likelihood")
+    with pytest.raises(ConfigError, match=r"task 'pw': judge_mode 'likelihood' needs a judge that exposes "
+                                          r"log-likelihoods of its answers \(a local model\); the judge "
+                                          r"http://127.0.0.1:9/v1#judge-model does not"):
+        run(task, judge=endpoint)
+    model = qa_model()
+    suite = SuiteConfig("s", [TaskConfig(name="qa", kind="generative", dataset="qa", limit=2), task])
+    with pytest.raises(ConfigError, match="judge_mode 'likelihood'"):
+        run_suite(suite, model, "m", endpoint, progress=False)
+    assert model.prompts == 0  # checked before any task ran
+    with pytest.raises(ConfigError, match=r"judge_mode 'likelihood' applies to the judge kinds \['judge', "):
+        TaskConfig(name="sc", kind="selfcheck", dataset="qa", n_samples=2, judge_mode="likelihood")
+    with pytest.raises(ConfigError, match=r"TaskConfig.judge_mode: got 'logits', expected one of "
+                                          r"\['generate', 'likelihood'\]"):
+        config_from_dict(TaskConfig, {"name": "pw", "kind": "pairwise", "dataset": "pairwise",
+                                      "judge_mode": "logits"})
+    with pytest.raises(ConfigError, match=r"judge_low_margin=-1, expected a log-probability gap >= 0"):
+        TaskConfig(name="pw", kind="pairwise", dataset="pairwise", judge_low_margin=-1)
+
+
+def test_a_second_likelihood_run_asks_the_judge_nothing(tmp_path, monkeypatch):
+    for task, make_model, make_judge in cached_runs(tmp_path, monkeypatch):
+        if task.kind == "selfcheck":
+            continue
+        task.judge_mode = "likelihood"
+        path = tmp_path / f"lik-{task.name}.jsonl"
+
+        def make_likelihood_judge():
+            reply = make_judge().reply
+            return LikelihoodJudge(lambda p, o: -0.1 if reply(p, 0, 0.0).lower().startswith(o.lower()) else -1.0,
+                                   reply)
+
+        first_judge = make_likelihood_judge()
+        first = run(task, make_model(), first_judge, OutputCache(path))
+        assert first_judge.scored, task.name
+        model, judge = make_model(), make_likelihood_judge()
+        again = run(task, model, judge, OutputCache(path))
+        assert model.prompts == 0 and judge.scored == [] and judge.prompts == [], task.name
+        assert {k: v.value for k, v in again.metrics.items()} == {k: v.value for k, v in first.metrics.items()}
+        assert again.examples == first.examples, task.name
+
+
+def test_likelihood_tasks_on_a_tiny_local_model_are_cached(tmp_path):
+    from lmstack.eval.models import LLMModel
+    from lmstack.infer import LLM
+
+    class Counting(LLMModel):
+        scored = 0
+
+        def option_loglikelihoods(self, prompts, options, chat=True):
+            Counting.scored += len(prompts)
+            return super().option_loglikelihoods(prompts, options, chat)
+
+    (tmp_path / "s.yaml").write_text(DAG_SUITE.replace("limit: 4", "limit: 2") + "    chat: true\n"
+                                     "    max_new_tokens: 4\n    judge_mode: likelihood\n"
+                                     "  - {name: pw, kind: pairwise, dataset: pairwise, limit: 2, chat: true, "
+                                     "judge_mode: likelihood}\n")
+    suite = load_config(SuiteConfig, tmp_path / "s.yaml")
+    llm = Counting(LLM.load("tiny-llama"), batch_size=2)
+    first = run_suite(suite, llm, "tiny", llm, progress=False, cache=OutputCache(tmp_path / "cache.jsonl"))
+    asked = Counting.scored
+    assert asked >= 2 + 2 * 2
+    dag, pw = first.tasks
+    assert dag.metrics["judge_errors"].value == 0 and pw.metrics["judge_errors"].value == 0
+    assert all(0.0 <= t.metrics["judge_low_confidence"].value <= 1.0 for t in first.tasks)
+    again = run_suite(suite, llm, "tiny", llm, progress=False, cache=OutputCache(tmp_path / "cache.jsonl"))
+    assert Counting.scored == asked and again.metric_table() == first.metric_table()

@@ -1,5 +1,6 @@
 """LLM judges with scripted judge models: retries then errors, pairwise swap / position bias on the
-labelled fixture, G-Eval probability weighting, DAG paths, SelfCheckGPT, seed spread."""
+labelled fixture, G-Eval probability weighting, DAG paths, SelfCheckGPT, seed spread; likelihood
+verdicts against log-likelihoods computed directly on a tiny random model."""
 
 import math
 
@@ -7,9 +8,9 @@ import pytest
 
 from lmstack.errors import ConfigError
 from lmstack.eval import datasets as D
-from lmstack.eval.judges import (DAG, DAGNode, GEvalConfig, ask, dag_judge, g_eval, pairwise, parse_choice,
-                                 parse_score, parse_yes_no, pointwise, seed_spread, selfcheck_bertscore,
-                                 selfcheck_ngram, weighted_score)
+from lmstack.eval.judges import (CHOICE_OPTIONS, DAG, SCORE_OPTIONS, YES_NO_OPTIONS, DAGNode, DAGOutcome, GEvalConfig,
+                                 ask, choose, dag_judge, g_eval, pairwise, parse_choice, parse_score, parse_yes_no,
+                                 pointwise, seed_spread, selfcheck_bertscore, selfcheck_ngram, weighted_score)
 
 
 class Scripted:
@@ -105,10 +106,10 @@ def test_dag_judge_follows_the_declared_path():
                DAGNode("correct", "Is '{answer}' correct?", 1.0, 0.25)], root="on_topic")
     judge = Scripted(lambda p, s, t: "yes" if ("about" in p or "Paris" in p) else "no")
     out = dag_judge(judge, dag, [{"answer": "Paris", "topic": "France"}, {"answer": "Lyon", "topic": "France"}])
-    assert out[0] == (1.0, [("on_topic", True), ("correct", True)], None)
-    assert out[1] == (0.25, [("on_topic", True), ("correct", False)], None)
+    assert out[0] == DAGOutcome(1.0, [("on_topic", True), ("correct", True)])
+    assert out[1] == DAGOutcome(0.25, [("on_topic", True), ("correct", False)])
     broken = dag_judge(Scripted(lambda p, s, t: "?"), dag, [{"answer": "x", "topic": "y"}], retries=0)
-    assert broken[0][0] is None and "on_topic" in broken[0][2]
+    assert broken[0].score is None and "on_topic" in broken[0].error
     with pytest.raises(ConfigError, match="cycle"):
         DAG([DAGNode("a", "?", "b", 0.0), DAGNode("b", "?", "a", 1.0)], root="a")
     with pytest.raises(ConfigError, match="not a node"):
@@ -141,3 +142,83 @@ def test_seed_spread():
     assert seed_spread([0.5]) == (0.5, 0.0)
     mean, std = seed_spread([0.4, 0.6])
     assert mean == pytest.approx(0.5) and std == pytest.approx(math.sqrt(0.02))
+
+
+# -- likelihood verdicts ---------------------------------------------------------------------
+
+class Ranked:
+    """A judge that only scores answers: ``score(prompt, option)`` is log p(option | prompt). It
+    has no ``generate_batch``, so a likelihood verdict cannot fall back on generation."""
+
+    def __init__(self, score):
+        self.score, self.asked = score, []
+
+    def option_loglikelihoods(self, prompts, options, chat=True):
+        self.asked += list(prompts)
+        return [[self.score(p, o) for o in options] for p in prompts]
+
+
+def direct_loglikelihood(llm, prompt, option, chat):
+    """log p(option | prompt) from one forward over the concatenated ids, no harness code."""
+    import torch
+
+    ids = llm.chat_ids([{"role": "user", "content": prompt}]) if chat else llm.encode(prompt)
+    cont = llm.tokenizer.encode(option if chat else " " + option, add_special_tokens=False)
+    logp = torch.log_softmax(llm.logits([ids + cont])[0], dim=-1)  # (T, V)
+    return sum(float(logp[len(ids) - 1 + k, t]) for k, t in enumerate(cont))
+
+
+@pytest.mark.parametrize("chat", [True, False])  # chat: one-token options; plain: " A" is two byte tokens
+def test_likelihood_verdicts_are_the_argmax_of_the_loglikelihoods_computed_directly(chat):
+    from lmstack.eval.models import LLMModel
+    from lmstack.infer import LLM
+
+    llm = LLM.load("tiny-llama")
+    model = LLMModel(llm, batch_size=2)
+    prompts = ["Is water wet?\nAnswer:", "Pick A or B.\nBetter response:", "Score it 1-5:"]
+    for options in (CHOICE_OPTIONS, SCORE_OPTIONS):
+        texts = list(options)
+        want = [[direct_loglikelihood(llm, p, o, chat) for o in texts] for p in prompts]
+        got = model.option_loglikelihoods(prompts, texts, chat)
+        assert got == [pytest.approx(row, abs=1e-4) for row in want]
+        for call, row in zip(choose(model, prompts, options, chat), want):
+            best = max(range(len(row)), key=row.__getitem__)
+            assert call.value == options[texts[best]] and call.replies == [] and call.error is None
+            assert call.margin == pytest.approx(row[best] - sorted(row)[-2], abs=1e-4) and call.margin >= 0
+            assert call.probs == pytest.approx([math.exp(v) / sum(math.exp(u) for u in row) for v in row], abs=1e-4)
+
+
+def test_a_value_with_several_answer_texts_counts_their_total_probability():
+    lp = {"yes": math.log(0.3), "Yes": math.log(0.3), "no": math.log(0.39), "No": math.log(0.01)}
+    (call,) = choose(Ranked(lambda p, o: lp[o]), ["q"], YES_NO_OPTIONS)
+    assert call.value is True  # "no" is the likeliest text, but yes + Yes = 0.6 > 0.4
+    assert call.margin == pytest.approx(math.log(0.6) - math.log(0.4))
+    assert call.probs == pytest.approx([0.6, 0.4])
+    tied = choose(Ranked(lambda p, o: 0.0), ["q"], CHOICE_OPTIONS)[0]
+    assert tied.value == "A" and tied.margin == 0.0  # a tie goes to the value listed first
+
+
+def test_pairwise_likelihood_judge_preferring_the_first_position_has_position_bias_one():
+    judge = Ranked(lambda p, o: 0.0 if o == "A" else -1.5)
+    s = pairwise(judge, ["q1", "q2"], ["x1", "x2"], ["y1", "y2"], labels=["1", "2"], mode="likelihood")
+    assert s.n_errors == 0 and s.position_bias == 1.0 and s.consistency == 0.0 and s.first_position_rate == 1.0
+    assert [v.winner for v in s.verdicts] == ["tie", "tie"] and all(v.flipped for v in s.verdicts)
+    assert [v.margins for v in s.verdicts] == [(1.5, 1.5)] * 2
+    assert len(judge.asked) == 4  # each order once: nothing to retry
+
+
+def test_likelihood_grades_carry_the_expected_score():
+    probs = [0.05, 0.1, 0.2, 0.4, 0.25]
+    judge = Ranked(lambda p, o: math.log(probs[int(o) - 1]))
+    (call,) = pointwise(judge, ["q"], ["a"], mode="likelihood")
+    assert call.value == 0.75 and call.probs == pytest.approx(probs)  # grade 4 -> (4 - 1) / 4
+    assert weighted_score(call.probs) == pytest.approx(3.7) and call.margin == pytest.approx(math.log(0.4 / 0.25))
+    (geval,) = g_eval(judge, ["source"], ["summary"], mode="likelihood")
+    assert geval.value == pytest.approx(3.7) and geval.replies == []
+    dag = DAG([DAGNode("ok", "Is {x} fine?", 1.0, 0.0)], root="ok")
+    out = dag_judge(Ranked(lambda p, o: -0.1 if o.lower() == "no" else -3.0), dag, [{"x": "it"}], mode="likelihood")
+    assert out[0].score == 0.0 and out[0].path == [("ok", False)] and len(out[0].margins) == 1
+    with pytest.raises(ConfigError, match=r"judge mode 'sampled'; expected one of \['generate', 'likelihood'\]"):
+        pointwise(judge, ["q"], ["a"], mode="sampled")
+    with pytest.raises(ConfigError, match="judge_mode 'likelihood' needs a judge that exposes log-likelihoods"):
+        pointwise(Scripted(lambda p, s, t: "4"), ["q"], ["a"], mode="likelihood")

@@ -31,6 +31,16 @@ whose verdict parsed; an item no seed could score is left out of the task score 
 as 0). ``judge_errors`` counts the verdicts that stayed unparseable after retries (its ``n``
 is the number of verdicts asked; ``judge_error_rate`` is their share) and, with several
 seeds, ``judge_seed_std`` is the standard deviation of the task score across seeds.
+
+With ``judge_mode: likelihood`` every verdict is the judge's most likely allowed answer
+(``judges.choose``), cached like a reply (``option_loglikelihoods``). Such a verdict does not
+depend on the seed, so the task runs once, with the first of ``judge_seeds``, and a note says so
+instead of a spread of zero. ``judge_low_confidence`` is the share of verdicts whose margin
+(the log-probability gap to the runner-up) is below ``judge_low_margin``: the verdicts where
+the judge is close to guessing. Each record keeps its verdicts' margins. ``judge`` adds
+``judge_score_weighted``, the expected grade ``sum_g p(g) (g - 1) / 4``; ``g_eval`` is weighted by
+the likelihoods of "1".."5" on every item; the ``rag`` yes/no checks are likelihood verdicts
+while ``answer_relevance`` still generates its questions.
 """
 
 from __future__ import annotations
@@ -43,8 +53,8 @@ from lmstack.eval import datasets as D
 from lmstack.eval import rag_metrics as R
 from lmstack.eval import retrieval
 from lmstack.eval.cache import OutputCache, cached_map
-from lmstack.eval.judges import (DEFAULT_RUBRIC, GEvalConfig, dag_judge, g_eval, pairwise, pointwise, seed_spread,
-                                 selfcheck_bertscore, selfcheck_ngram, split_sentences)
+from lmstack.eval.judges import (DEFAULT_RUBRIC, GEvalConfig, JudgeCall, dag_judge, g_eval, pairwise, pointwise,
+                                 seed_spread, selfcheck_bertscore, selfcheck_ngram, split_sentences, weighted_score)
 from lmstack.eval.lm_metrics import gpt_score
 from lmstack.eval.scoring import MetricValue, from_item_scores
 from lmstack.eval.tasks import (TaskConfig, _batch_size, _fields, _item_id, _model_id, _Progress, _prompt,
@@ -76,8 +86,9 @@ class KindResult:
 
 
 class CachedJudge:
-    """A judge model behind the output cache: ``generate_batch`` and ``option_probs`` answer from
-    the cache when they can and store what the model computes, batch by batch."""
+    """A judge model behind the output cache: ``generate_batch``, ``option_probs`` and
+    ``option_loglikelihoods`` answer from the cache when they can and store what the model
+    computes, batch by batch."""
 
     def __init__(self, model, cache: OutputCache) -> None:
         self.model, self.cache = model, cache
@@ -106,6 +117,16 @@ class CachedJudge:
         return cached_map(self.cache, self.identity, "option_probs", [payload],
                           lambda batch: [self.model.option_probs(prompt, options, chat)], 1)[0]
 
+    def option_loglikelihoods(self, prompts: Sequence[str], options: Sequence[str],
+                              chat: bool = True) -> list[list[float]]:
+        payloads = [{"prompt": p, "options": list(options), "chat": chat} for p in prompts]
+
+        def compute(batch: list[dict]) -> list[list[float]]:
+            return self.model.option_loglikelihoods([b["prompt"] for b in batch], options, chat)
+
+        return cached_map(self.cache, self.identity, "option_loglikelihoods", payloads, compute,
+                          _batch_size(self.model))
+
 
 def run_scored_kind(task: TaskConfig, model, judge, items: list, cache: OutputCache, progress: bool,
                     stats: Stats) -> KindResult:
@@ -117,6 +138,17 @@ def run_scored_kind(task: TaskConfig, model, judge, items: list, cache: OutputCa
 # -- judges over seeds -----------------------------------------------------------------------
 
 @dataclass
+class SeedRun:
+    """One judge pass over the items (one seed)."""
+
+    rows: list[Row]
+    details: list[dict]  # per item: replies, verdicts, paths, margins
+    errors: int  # verdicts that stayed unparseable
+    asked: int  # verdicts asked
+    margins: list[float] = field(default_factory=list)  # likelihood mode: one per verdict
+
+
+@dataclass
 class Judged:
     """What ``over_seeds`` collects: per metric and item, the values of the seeds that scored it."""
 
@@ -125,22 +157,30 @@ class Judged:
     errors: int
     asked: int
     per_seed: list[float]  # the primary metric's mean per seed (over the items it scored)
+    margins: list[float] = field(default_factory=list)  # likelihood mode: every verdict's margin
+
+
+def judge_seeds(task: TaskConfig) -> list[int]:
+    """The seeds the judge runs with: all of ``judge_seeds``, or the first alone for likelihood
+    verdicts, which no seed changes."""
+    return task.judge_seeds[:1] if task.judge_mode == "likelihood" else list(task.judge_seeds)
 
 
 def over_seeds(task: TaskConfig, n_items: int, names: Sequence[str], primary: str,
-               run_one: Callable[[int], tuple[list[Row], list[dict], int, int]]) -> Judged:
-    """``run_one(seed)`` -> (rows, details, errors, verdicts asked), once per judge seed."""
+               run_one: Callable[[int], SeedRun]) -> Judged:
+    """``run_one(seed)`` once per judge seed (see ``judge_seeds``)."""
     out = Judged({m: [[] for _ in range(n_items)] for m in names}, [[] for _ in range(n_items)], 0, 0, [])
-    for seed in task.judge_seeds:
-        rows, details, errors, asked = run_one(seed)
-        out.errors += errors
-        out.asked += asked
-        for i, (row, d) in enumerate(zip(rows, details)):
+    for seed in judge_seeds(task):
+        run = run_one(seed)
+        out.errors += run.errors
+        out.asked += run.asked
+        out.margins += run.margins
+        for i, (row, d) in enumerate(zip(run.rows, run.details)):
             out.details[i].append({"seed": seed, **d})
             for m, v in (row or {}).items():
                 if v is not None:
                     out.scores[m][i].append(float(v))
-        ok = [row[primary] for row in rows if row and row.get(primary) is not None]
+        ok = [row[primary] for row in run.rows if row and row.get(primary) is not None]
         if ok:
             out.per_seed.append(sum(ok) / len(ok))
     return out
@@ -165,11 +205,30 @@ def judged_metrics(task: TaskConfig, judged: Judged, primary: str,
     if e:
         notes.append(f"judge: {e} of {n} verdicts stayed unparseable after retries; recorded as errors and "
                      "left out of the scores")
-    if len(task.judge_seeds) > 1 and judged.per_seed:
+    if task.judge_mode == "likelihood":
+        low, k = sum(m < task.judge_low_margin for m in judged.margins), len(judged.margins)
+        metrics["judge_low_confidence"] = MetricValue(low / k if k else 0.0, None, None, k)
+        notes.append(f"judge: likelihood verdicts (the judge's most likely allowed answer); {low} of {k} were "
+                     f"decided by a margin below {task.judge_low_margin} nats (low confidence)")
+        notes.append(f"judge: a likelihood verdict does not depend on the seed, so the judge ran once, with seed "
+                     f"{task.judge_seeds[0]} (judge_seeds {task.judge_seeds}); no spread across seeds is reported")
+    elif len(task.judge_seeds) > 1 and judged.per_seed:
         mean, std = seed_spread(judged.per_seed)
         metrics["judge_seed_std"] = MetricValue(std, None, None, len(judged.per_seed))
         notes.append(f"judge: {primary} across seeds {task.judge_seeds}: mean {mean:.4f}, std {std:.4f}")
     return metrics, per_item, notes
+
+
+def _call_detail(c: JudgeCall) -> dict:
+    """A judge call for the records: its replies and error, or for a likelihood verdict the
+    probabilities of the allowed values and the margin."""
+    if c.margin is None:
+        return {"replies": c.replies, "error": c.error}
+    return {"probs": c.probs, "margin": c.margin}
+
+
+def _margins(calls: Sequence[JudgeCall]) -> list[float]:
+    return [c.margin for c in calls if c.margin is not None]
 
 
 def _item_scores(judged: Judged, i: int) -> dict[str, float]:
@@ -198,12 +257,17 @@ def _pointwise(task, model, judge, items, cache, progress, stats) -> KindResult:
 
     def one(seed):
         calls = pointwise(judge, prompts, preds, refs, task.judge_rubric or DEFAULT_RUBRIC, seed=seed,
-                          chat=task.chat, temperature=task.judge_temperature)
-        rows = [None if c.value is None else {"judge_score": c.value} for c in calls]
-        details = [{"replies": c.replies, "error": c.error} for c in calls]
-        return rows, details, sum(c.value is None for c in calls), len(calls)
+                          chat=task.chat, temperature=task.judge_temperature, mode=task.judge_mode)
+        rows: list[Row] = []
+        for c in calls:
+            row = None if c.value is None else {"judge_score": c.value}
+            if row is not None and c.margin is not None:  # the expected grade, as G-Eval weights it
+                row["judge_score_weighted"] = (weighted_score(c.probs) - 1) / 4  # type: ignore[arg-type]
+            rows.append(row)
+        return SeedRun(rows, [_call_detail(c) for c in calls], sum(c.value is None for c in calls), len(calls),
+                       _margins(calls))
 
-    judged = over_seeds(task, len(items), ["judge_score"], "judge_score", one)
+    judged = over_seeds(task, len(items), ["judge_score", "judge_score_weighted"], "judge_score", one)
     records = [{"id": _item_id(it), "prompt": p, "prediction": y, "references": _references(it)}
                for it, p, y in zip(items, prompts, preds)]
     return _judged_result(task, judged, "judge_score", stats, records)
@@ -222,15 +286,16 @@ def _pairwise(task, model, judge, items, cache, progress, stats) -> KindResult:
 
     def one(seed):
         s = pairwise(judge, questions, first, second, labels, seed=seed, chat=task.chat,
-                     temperature=task.judge_temperature)
+                     temperature=task.judge_temperature, mode=task.judge_mode)
         rows: list[Row] = []
         for v, label in zip(s.verdicts, labels):
             rows.append(None if v.error else {
                 "win_rate": _WIN[v.winner], "position_bias": float(v.flipped),
                 "agreement": None if label is None else float(v.winner == label)})
         details = [{"first_order": v.first_order, "swapped_order": v.swapped_order, "winner": v.winner,
-                    "error": v.error} for v in s.verdicts]
-        return rows, details, s.n_errors, s.n
+                    "error": v.error, **({} if v.margins is None else {"margins": list(v.margins)})}
+                   for v in s.verdicts]
+        return SeedRun(rows, details, s.n_errors, s.n, [m for v in s.verdicts for m in v.margins or ()])
 
     judged = over_seeds(task, len(items), ["win_rate", "agreement", "position_bias"], "win_rate", one)
     records = [{"id": _item_id(it), "prompt": q, "prediction": a, "references": [b], "label": lab}
@@ -254,20 +319,30 @@ def _g_eval(task, model, judge, items, cache, progress, stats) -> KindResult:
     sources = [_source(it) for it in items]
 
     def one(seed):
-        calls = g_eval(judge, sources, preds, cfg, seed=seed, chat=task.chat, temperature=task.judge_temperature)
+        calls = g_eval(judge, sources, preds, cfg, seed=seed, chat=task.chat, temperature=task.judge_temperature,
+                       mode=task.judge_mode)
         rows = [None if c.value is None else {"g_eval": float(c.value)} for c in calls]
-        details = [{"mode": "parsed" if c.probs is None else "probabilities", "probs": c.probs,
-                    "replies": c.replies, "error": c.error} for c in calls]
-        return rows, details, sum(c.value is None for c in calls), len(calls)
+        details = [{"mode": _g_eval_mode(c), "probs": c.probs, "replies": c.replies, "error": c.error,
+                    **({} if c.margin is None else {"margin": c.margin})} for c in calls]
+        return SeedRun(rows, details, sum(c.value is None for c in calls), len(calls), _margins(calls))
 
     judged = over_seeds(task, len(items), ["g_eval"], "g_eval", one)
-    weighted = sum(d["mode"] == "probabilities" for per in judged.details for d in per)
-    total = sum(len(per) for per in judged.details)
-    note = (f"g_eval: {weighted} of {total} scores weighted by the judge's next-token probabilities of 1-5, "
-            f"{total - weighted} parsed from its reply")
+    modes = [d["mode"] for per in judged.details for d in per]
+    if task.judge_mode == "likelihood":
+        note = f"g_eval: all {len(modes)} scores weighted by the judge's likelihoods of the answers 1-5"
+    else:
+        weighted = modes.count("probabilities")
+        note = (f"g_eval: {weighted} of {len(modes)} scores weighted by the judge's next-token probabilities of "
+                f"1-5, {len(modes) - weighted} parsed from its reply")
     records = [{"id": _item_id(it), "prompt": p, "prediction": y, "references": _references(it)}
                for it, p, y in zip(items, prompts, preds)]
     return _judged_result(task, judged, "g_eval", stats, records, [note])
+
+
+def _g_eval_mode(c: JudgeCall) -> str:
+    if c.margin is not None:
+        return "likelihood"
+    return "parsed" if c.probs is None else "probabilities"
 
 
 def _dag(task, model, judge, items, cache, progress, stats) -> KindResult:
@@ -282,10 +357,13 @@ def _dag(task, model, judge, items, cache, progress, stats) -> KindResult:
                               f"{{{e.args[0]}}}; the fields are {sorted(fields[0])}") from None
 
     def one(seed):
-        out = dag_judge(judge, task.dag, fields, seed=seed, chat=task.chat, temperature=task.judge_temperature)
-        rows = [None if score is None else {"dag_score": score} for score, _, _ in out]
-        details = [{"path": [[node, answer] for node, answer in path], "error": err} for _, path, err in out]
-        return rows, details, sum(score is None for score, _, _ in out), len(out)
+        out = dag_judge(judge, task.dag, fields, seed=seed, chat=task.chat, temperature=task.judge_temperature,
+                        mode=task.judge_mode)
+        rows: list[Row] = [None if o.score is None else {"dag_score": o.score} for o in out]
+        details = [{"path": [[node, answer] for node, answer in o.path], "error": o.error,
+                    **({"margins": o.margins} if task.judge_mode == "likelihood" else {})} for o in out]
+        return SeedRun(rows, details, sum(o.score is None for o in out), len(out),
+                       [m for o in out for m in o.margins])
 
     judged = over_seeds(task, len(items), ["dag_score"], "dag_score", one)
     records = [{"id": _item_id(it), "prompt": p, "prediction": y, "references": _references(it)}
@@ -312,12 +390,12 @@ def _rag(task, model, judge, items, cache, progress, stats) -> KindResult:
         retrieval_scores[f"recall@{k}"] = retrieval.recall_at_k_scores(ranked, gold, k)
         retrieval_scores[f"ndcg@{k}"] = retrieval.ndcg_at_k_scores(ranked, gold, k)
     embed = R.default_embed() if "answer_relevance" in task.metrics else None
-    chat, temp = task.chat, task.judge_temperature
+    chat, temp, mode = task.chat, task.judge_temperature, task.judge_mode
     metric_fns = {  # seed -> a RAGScore per item
-        "faithfulness": lambda seed: R.faithfulness_scores(judge, answers, contexts, seed, chat, temp),
-        "context_recall": lambda seed: R.context_recall_scores(judge, refs, contexts, seed, chat, temp),
+        "faithfulness": lambda seed: R.faithfulness_scores(judge, answers, contexts, seed, chat, temp, mode),
+        "context_recall": lambda seed: R.context_recall_scores(judge, refs, contexts, seed, chat, temp, mode),
         "context_precision": lambda seed: R.context_precision_scores(judge, questions, refs, contexts, seed,
-                                                                     chat, temp),
+                                                                     chat, temp, mode),
         "answer_relevance": lambda seed: R.answer_relevance_scores(judge, questions, answers, embed, seed=seed,
                                                                    chat=chat),
     }
@@ -325,10 +403,10 @@ def _rag(task, model, judge, items, cache, progress, stats) -> KindResult:
     def one(seed):
         scores = {m: metric_fns[m](seed) for m in task.metrics}
         rows = [{m: scores[m][i].value for m in task.metrics} for i in range(len(items))]
-        details = [{m: {"verdicts": scores[m][i].verdicts, "errors": scores[m][i].errors} for m in task.metrics}
-                   for i in range(len(items))]
+        details = [{m: _rag_detail(scores[m][i]) for m in task.metrics} for i in range(len(items))]
         errors = sum(s.errors for per in scores.values() for s in per)
-        return rows, details, errors, sum(len(s.verdicts) for per in scores.values() for s in per)
+        return SeedRun(rows, details, errors, sum(len(s.verdicts) for per in scores.values() for s in per),
+                       [m for per in scores.values() for s in per for m in s.margins])
 
     primary = "faithfulness" if "faithfulness" in task.metrics else task.metrics[0]
     judged = over_seeds(task, len(items), task.metrics, primary, one)
@@ -337,12 +415,19 @@ def _rag(task, model, judge, items, cache, progress, stats) -> KindResult:
     empty = sum(not split_sentences(a) for a in answers)
     notes = [f"rag: {empty} answers have no sentence to check; left out of faithfulness"] \
         if empty and "faithfulness" in task.metrics else []
+    if mode == "likelihood" and "answer_relevance" in task.metrics:
+        notes.append("rag: answer_relevance still generates its questions (sampled at temperature 0.7); only the "
+                     "yes/no checks are likelihood verdicts")
     out = _judged_result(task, judged, primary, stats, records, notes)
     out.metrics = {**{m: stats.value(per) for m, per in retrieval_scores.items()}, **out.metrics}
     out.per_item.update(retrieval_scores)
     for i, r in enumerate(out.records):
         r["scores"].update({m: per[i] for m, per in retrieval_scores.items()})
     return out
+
+
+def _rag_detail(score: R.RAGScore) -> dict:
+    return {"verdicts": score.verdicts, "errors": score.errors, **({"margins": score.margins} if score.margins else {})}
 
 
 def _selfcheck(task, model, judge, items, cache, progress, stats) -> KindResult:

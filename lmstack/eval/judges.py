@@ -3,6 +3,14 @@
 * ``ask``: one prompt per item, parse the reply; a reply that does not parse is asked again
   (``retries`` times, with seed + attempt and a temperature of at least ``retry_temperature``,
   since a greedy judge would repeat itself), then recorded as an error: never silently scored.
+* ``choose``: the other way for a judge to answer (``mode="likelihood"``, judges that expose
+  ``option_loglikelihoods``, i.e. local models): the verdict is the allowed answer ("A" / "B",
+  "yes" / "no", "1".."5") with the highest log-likelihood as the judge's reply to the prompt,
+  the way lm-evaluation-harness scores a multiple-choice item. Small judges that cannot be
+  trusted to write "A" within a few tokens still rank the allowed answers, so a verdict is
+  never unparseable (no retries), and it does not depend on the seed or the temperature. Each
+  verdict keeps its ``margin``, the log-probability gap between the best and the second-best
+  answer: a small margin means the judge is close to guessing.
 * ``pointwise``: a rubric grade 1-5 (mapped to [0, 1]).
 * ``pairwise``: A-vs-B in both orders (Zheng et al. 2023, "Judging LLM-as-a-judge", sec. 3.4):
   a verdict counts only when it survives the swap, else it is a tie; ``PairwiseSummary``
@@ -24,17 +32,24 @@ import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Literal, Optional, Sequence, Union, get_args
 
 from lmstack.errors import ConfigError
 
 
+JudgeMode = Literal["generate", "likelihood"]
+JUDGE_MODES = get_args(JudgeMode)
+
+
 @dataclass
 class JudgeCall:
-    value: Optional[object]  # the parsed value; None when every attempt failed
+    value: Optional[object]  # the parsed (or chosen) value; None when every attempt failed
     replies: list[str]
     error: Optional[str] = None
-    probs: Optional[list[float]] = None  # g_eval: the option probabilities the value was weighted by
+    # g_eval, and every likelihood verdict: the probabilities of the allowed values (renormalised
+    # over them), in the order the values were listed
+    probs: Optional[list[float]] = None
+    margin: Optional[float] = None  # likelihood verdicts: log p(best value) - log p(second best)
 
 
 def _generate(model, prompts: list[str], max_new_tokens: int, temperature: float, seed: int, chat: bool) -> list[str]:
@@ -69,6 +84,52 @@ def ask(model, prompts: Sequence[str], parse: Callable[[str], Optional[object]],
     return calls
 
 
+def choose(model, prompts: Sequence[str], options: dict[str, object], chat: bool = True) -> list[JudgeCall]:
+    """Closed-set verdicts by likelihood: per prompt, the value whose answer texts are most likely
+    as the judge's reply. ``options`` maps each allowed answer text to its value; several texts
+    may share a value ("yes" and "Yes"), whose log-likelihoods are combined by log-sum-exp (the
+    value's total probability). Ties go to the value listed first. ``probs`` are the values'
+    probabilities renormalised over the set (what a G-Eval weighting needs) and ``margin`` the
+    log-probability gap between the best and the second-best value."""
+    if not hasattr(model, "option_loglikelihoods"):
+        raise ConfigError(f"judge_mode 'likelihood' needs a judge that exposes log-likelihoods of its answers "
+                          f"(option_loglikelihoods: a local model); {type(model).__name__} does not")
+    texts = list(options)
+    values = list(dict.fromkeys(options.values()))
+    if len(values) < 2:
+        raise ConfigError(f"choose: options {texts} have {len(values)} distinct value; expected at least 2")
+    calls = []
+    for lls in model.option_loglikelihoods(list(prompts), texts, chat):
+        per_value = [_logsumexp([ll for t, ll in zip(texts, lls) if options[t] == v]) for v in values]
+        order = sorted(range(len(values)), key=lambda k: (-per_value[k], k))
+        top = per_value[order[0]]
+        weights = [math.exp(ll - top) for ll in per_value]
+        calls.append(JudgeCall(values[order[0]], [], probs=[w / sum(weights) for w in weights],
+                               margin=top - per_value[order[1]]))
+    return calls
+
+
+def _logsumexp(xs: Sequence[float]) -> float:
+    top = max(xs)
+    return top + math.log(sum(math.exp(x - top) for x in xs))
+
+
+def _likelihood(mode: str) -> bool:
+    if mode not in JUDGE_MODES:
+        raise ConfigError(f"judge mode {mode!r}; expected one of {list(JUDGE_MODES)}")
+    return mode == "likelihood"
+
+
+def verdicts(model, prompts: Sequence[str], parse: Callable[[str], Optional[object]], options: dict[str, object],
+             mode: JudgeMode = "generate", seed: int = 0, retries: int = 2, chat: bool = True,
+             max_new_tokens: int = 64, temperature: float = 0.0) -> list[JudgeCall]:
+    """One verdict per prompt: a generated reply parsed by ``parse`` (``ask``), or with
+    ``mode="likelihood"`` the most likely of ``options`` (``choose``)."""
+    if _likelihood(mode):
+        return choose(model, prompts, options, chat)
+    return ask(model, prompts, parse, seed, retries, chat, max_new_tokens, temperature)
+
+
 def parse_score(text: str, low: int = 1, high: int = 5) -> Optional[int]:
     """The first integer in [low, high] in the reply (a bare digit or 'Score: 4'); None if none."""
     m = re.search(rf"\b([{low}-{high}])\b", text)
@@ -94,6 +155,14 @@ def parse_yes_no(text: str) -> Optional[bool]:
     return None if m is None else m.group(1).lower() == "yes"
 
 
+# the allowed answers of likelihood verdicts, mirroring what the parsers accept; a chat judge
+# starts a sentence with "Yes", so both cases count
+SCORE_OPTIONS: dict[str, object] = {str(s): s for s in range(1, 6)}
+YES_NO_OPTIONS: dict[str, object] = {"yes": True, "Yes": True, "no": False, "No": False}
+# the pairwise prompt asks for A or B only; a tie is what the swap gives when the orders disagree
+CHOICE_OPTIONS: dict[str, object] = {"A": "A", "B": "B"}
+
+
 # -- pointwise -------------------------------------------------------------------------------
 
 POINTWISE_PROMPT = (
@@ -104,13 +173,14 @@ DEFAULT_RUBRIC = "5 = fully correct and faithful to the reference; 3 = partly co
 
 def pointwise(model, inputs: Sequence[str], answers: Sequence[str], references: Optional[Sequence[str]] = None,
               rubric: str = DEFAULT_RUBRIC, seed: int = 0, chat: bool = True, temperature: float = 0.0,
-              retries: int = 2) -> list[JudgeCall]:
-    """A 1-5 grade per answer; ``value`` is mapped to [0, 1] as (grade - 1) / 4."""
+              retries: int = 2, mode: JudgeMode = "generate") -> list[JudgeCall]:
+    """A 1-5 grade per answer; ``value`` is mapped to [0, 1] as (grade - 1) / 4. In likelihood
+    mode ``probs`` holds p("1") .. p("5"), for the expected grade (``weighted_score``)."""
     refs = references if references is not None else [None] * len(answers)
     prompts = [POINTWISE_PROMPT.format(rubric=rubric, input=q, answer=a,
                                        reference_line=f"Reference answer: {r}\n" if r else "")
                for q, a, r in zip(inputs, answers, refs)]
-    calls = ask(model, prompts, parse_score, seed, retries, chat, 24, temperature)
+    calls = verdicts(model, prompts, parse_score, SCORE_OPTIONS, mode, seed, retries, chat, 24, temperature)
     for c in calls:
         if c.value is not None:
             c.value = (c.value - 1) / 4
@@ -130,6 +200,7 @@ class PairwiseVerdict:
     first_order: Optional[str]  # raw "A"/"B"/"tie" with answer 1 shown first
     swapped_order: Optional[str]  # raw verdict with answer 2 shown first
     error: Optional[str] = None
+    margins: Optional[tuple[float, float]] = None  # likelihood mode: the margin of each order's verdict
 
     @property
     def flipped(self) -> bool:
@@ -162,31 +233,33 @@ def _combine(first: Optional[str], swapped: Optional[str]) -> Optional[str]:
 
 def pairwise(model, questions: Sequence[str], answers_1: Sequence[str], answers_2: Sequence[str],
              labels: Optional[Sequence[Optional[str]]] = None, seed: int = 0, chat: bool = True,
-             retries: int = 2, prompt: str = PAIRWISE_PROMPT, temperature: float = 0.0) -> PairwiseSummary:
-    """Judge each pair in both orders; ``labels[i]`` is the human winner "1", "2" or "tie"."""
+             retries: int = 2, prompt: str = PAIRWISE_PROMPT, temperature: float = 0.0,
+             mode: JudgeMode = "generate") -> PairwiseSummary:
+    """Judge each pair in both orders; ``labels[i]`` is the human winner "1", "2" or "tie". In
+    likelihood mode each order's verdict is the likelier of "A" and "B"."""
     n = len(questions)
-    first = ask(model, [prompt.format(question=q, a=a, b=b) for q, a, b in zip(questions, answers_1, answers_2)],
-                parse_choice, seed, retries, chat, 8, temperature)
-    swapped = ask(model, [prompt.format(question=q, a=b, b=a) for q, a, b in zip(questions, answers_1, answers_2)],
-                  parse_choice, seed, retries, chat, 8, temperature)
-    verdicts = []
+    first = verdicts(model, [prompt.format(question=q, a=a, b=b) for q, a, b in zip(questions, answers_1, answers_2)],
+                     parse_choice, CHOICE_OPTIONS, mode, seed, retries, chat, 8, temperature)
+    swapped = verdicts(model, [prompt.format(question=q, a=b, b=a) for q, a, b in zip(questions, answers_1, answers_2)],
+                       parse_choice, CHOICE_OPTIONS, mode, seed, retries, chat, 8, temperature)
+    judged = []
     for f, s in zip(first, swapped):
-        err = f.error or s.error
-        verdicts.append(PairwiseVerdict(_combine(f.value, s.value), f.value, s.value, err))
-    ok = [v for v in verdicts if v.error is None]
+        margins = None if f.margin is None or s.margin is None else (f.margin, s.margin)
+        judged.append(PairwiseVerdict(_combine(f.value, s.value), f.value, s.value, f.error or s.error, margins))
+    ok = [v for v in judged if v.error is None]
     raw = [x for v in ok for x in (v.first_order, v.swapped_order) if x != "tie"]
     decided = [v for v in ok if v.first_order != "tie" and v.swapped_order != "tie"]
     same_pos = sum(v.first_order == v.swapped_order for v in decided)
     agreement = None
     if labels is not None:
-        pairs = [(v.winner, lab) for v, lab in zip(verdicts, labels) if lab is not None and v.error is None]
+        pairs = [(v.winner, lab) for v, lab in zip(judged, labels) if lab is not None and v.error is None]
         agreement = sum(w == lab for w, lab in pairs) / len(pairs) if pairs else None
     return PairwiseSummary(
         n=n, n_errors=n - len(ok),
         consistency=sum(not v.flipped for v in ok) / len(ok) if ok else 0.0,
         position_bias=same_pos / len(decided) if decided else 0.0,
         first_position_rate=sum(x == "A" for x in raw) / len(raw) if raw else 0.0,
-        agreement=agreement, verdicts=verdicts)
+        agreement=agreement, verdicts=judged)
 
 
 # -- G-Eval ----------------------------------------------------------------------------------
@@ -211,15 +284,22 @@ class GEvalConfig:
 
 
 def g_eval(model, sources: Sequence[str], outputs: Sequence[str], cfg: GEvalConfig = GEvalConfig(),
-           seed: int = 0, chat: bool = True, retries: int = 2, temperature: float = 0.0) -> list[JudgeCall]:
+           seed: int = 0, chat: bool = True, retries: int = 2, temperature: float = 0.0,
+           mode: JudgeMode = "generate") -> list[JudgeCall]:
     """G-Eval score in [1, 5] per item: probability-weighted when the judge exposes next-token
     probabilities (``option_probs``; ``JudgeCall.probs`` keeps them), else the parsed integer
-    (with retries, sampled at ``temperature``)."""
+    (with retries, sampled at ``temperature``). In likelihood mode it is always weighted, by the
+    likelihoods of the answers "1".."5" (``choose``), which need not be single tokens."""
     prompts = [G_EVAL_PROMPT.format(
         output_kind=cfg.output_kind, source_kind=cfg.source_kind, criterion=cfg.criterion, criteria=cfg.criteria,
         steps="\n".join(f"{i}. {s}" for i, s in enumerate(cfg.steps, 1)),
         source_kind_title=cfg.source_kind.capitalize(), output_kind_title=cfg.output_kind.capitalize(),
         source=s, output=o) for s, o in zip(sources, outputs)]
+    if _likelihood(mode):
+        calls = choose(model, prompts, SCORE_OPTIONS, chat)
+        for c in calls:
+            c.value = weighted_score(c.probs)  # type: ignore[arg-type]
+        return calls
     options = ["1", "2", "3", "4", "5"]
     calls: list[Optional[JudgeCall]] = [None] * len(prompts)
     rest = []
@@ -286,27 +366,41 @@ class DAG:
 YES_NO_PROMPT = "{question}\nAnswer yes or no.\nAnswer:"
 
 
+@dataclass
+class DAGOutcome:
+    score: Optional[float]  # the terminal score reached; None when a check stayed unparseable
+    path: list[tuple[str, bool]]  # the decisions taken: (node id, answer)
+    error: Optional[str] = None
+    margins: list[float] = field(default_factory=list)  # likelihood mode: one per decision of the path
+
+
 def dag_judge(model, dag: DAG, items: Sequence[dict], seed: int = 0, chat: bool = True, retries: int = 2,
-              temperature: float = 0.0) -> list[tuple[Optional[float], list[tuple[str, bool]], Optional[str]]]:
-    """Walk ``dag`` for each item: (score, decision path [(node id, answer)], error)."""
+              temperature: float = 0.0, mode: JudgeMode = "generate") -> list[DAGOutcome]:
+    """Walk ``dag`` for each item, one batched yes/no check per step."""
     by_id = {n.id: n for n in dag.nodes}
-    state = [(dag.root, []) for _ in items]  # current node (or terminal score), path so far
-    out: list = [None] * len(items)
-    while any(o is None for o in out):
-        live = [i for i, o in enumerate(out) if o is None]
-        prompts = [YES_NO_PROMPT.format(question=by_id[state[i][0]].question.format(**items[i])) for i in live]
-        for i, call in zip(live, ask(model, prompts, parse_yes_no, seed, retries, chat, 4, temperature)):
-            node_id, path = state[i]
+    state = [dag.root for _ in items]  # the node each item is at
+    walked = [DAGOutcome(None, []) for _ in items]
+    live = list(range(len(items)))
+    while live:
+        prompts = [YES_NO_PROMPT.format(question=by_id[state[i]].question.format(**items[i])) for i in live]
+        still = []
+        for i, call in zip(live, verdicts(model, prompts, parse_yes_no, YES_NO_OPTIONS, mode, seed, retries, chat,
+                                          4, temperature)):
+            node_id, w = state[i], walked[i]
             if call.value is None:
-                out[i] = (None, path, f"node {node_id!r}: {call.error}")
+                w.error = f"node {node_id!r}: {call.error}"
                 continue
-            path = path + [(node_id, bool(call.value))]
+            w.path.append((node_id, bool(call.value)))
+            if call.margin is not None:
+                w.margins.append(call.margin)
             nxt = by_id[node_id].if_yes if call.value else by_id[node_id].if_no
             if isinstance(nxt, str):
-                state[i] = (nxt, path)
+                state[i] = nxt
+                still.append(i)
             else:
-                out[i] = (float(nxt), path, None)
-    return out
+                w.score = float(nxt)
+        live = still
+    return walked
 
 
 # -- SelfCheckGPT ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ adapter) or an OpenAI-compatible endpoint, behind one batched interface.
     generate_batch(prompts, max_new_tokens, temperature, seeds, chat, stop) -> list[str]
     loglikelihood_batch([(context, continuation), ...]) -> list[float]
     option_probs(prompt, options, chat) -> list[float] | None   # next-token probabilities (G-Eval)
+    option_loglikelihoods(prompts, options, chat) -> list[list[float]]  # likelihood judges; local only
     identity -> str                                              # for the output cache key
 
 Sampled rows get their own seed (``seeds[i]``), so a row's text never depends on which other
@@ -97,6 +98,44 @@ class LLMModel:
 
     def loglikelihood(self, context: str, continuation: str) -> float:
         return self.loglikelihood_batch([(context, continuation)])[0]
+
+    def option_loglikelihoods(self, prompts: Sequence[str], options: Sequence[str],
+                              chat: bool = True) -> list[list[float]]:
+        """``log p(option | prompt)`` of every option as the reply to every prompt, one row per
+        prompt: what a likelihood judge picks its verdict from.
+
+        The prompt is encoded as ``generate_batch`` encodes it (with ``chat``, a user message
+        and the assistant header); the option follows the assistant header as it is, and a plain
+        prompt after a space (" A" after "Better response:"), as the judge would write it. An
+        option of several tokens sums their log-probabilities. When every option is one token,
+        one forward per prompt scores them all; otherwise each (prompt, option) row is scored
+        as ``loglikelihood_batch`` scores a continuation.
+        """
+        import torch
+
+        from lmstack.eval.lm_metrics import score_token_rows
+
+        tok = self.llm.tokenizer
+        prompt_ids, option_ids = [], []
+        for p in prompts:
+            lead = "" if chat or p[-1:].isspace() else " "
+            ids = [tok.encode(lead + o, add_special_tokens=False) for o in options]
+            empty = [o for o, i in zip(options, ids) if not i]
+            if empty:
+                raise ConfigError(f"option_loglikelihoods: options {empty} encode to no tokens")
+            prompt_ids.append(self._prompt_ids(p, chat, max(len(i) for i in ids)))
+            option_ids.append(ids)
+        if all(len(i) == 1 for ids in option_ids for i in ids):
+            out = []
+            for p_ids, ids in zip(prompt_ids, option_ids):
+                logp = torch.log_softmax(self.llm.logits([p_ids])[0, -1], dim=-1)  # (V,)
+                out.append([float(logp[i[0]]) for i in ids])
+            return out
+        rows = [p_ids + i for p_ids, ids in zip(prompt_ids, option_ids) for i in ids]
+        scored = score_token_rows(self.llm.model, rows, [len(i) for ids in option_ids for i in ids],
+                                  max(self.batch_size, 16))
+        k = len(options)
+        return [[s.logprob for s in scored[j * k: (j + 1) * k]] for j in range(len(prompts))]
 
     def option_probs(self, prompt: str, options: Sequence[str], chat: bool = True) -> Optional[list[float]]:
         """Probability of each option as the next token, renormalised over the options; None when

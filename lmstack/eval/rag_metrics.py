@@ -16,6 +16,10 @@ metric (the harness's ``rag`` task uses those). Verdicts that stay unparseable a
 are left out of the ratio and counted in ``errors``; a metric with no parseable verdict at all
 is ``None``, never 0. Statements come from a sentence splitter, not from an LLM rewrite as
 Ragas does (deliberately: the small judges this runs on rewrite unreliably).
+
+With ``mode="likelihood"`` the yes/no checks of the first three metrics are the likelier of
+"yes" and "no" (``judges.choose``: never unparseable, each with its margin);
+``answer_relevance`` writes questions, which only generation can do.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, TypeVar
 
-from lmstack.eval.judges import ask, parse_yes_no, split_sentences
+from lmstack.eval.judges import YES_NO_OPTIONS, JudgeCall, JudgeMode, ask, parse_yes_no, split_sentences, verdicts
 
 T = TypeVar("T")
 
@@ -40,11 +44,17 @@ class RAGScore:
     value: Optional[float]  # None when no verdict parsed
     verdicts: list[Optional[bool]] = field(default_factory=list)  # None: unparseable after retries
     errors: int = 0
+    margins: list[float] = field(default_factory=list)  # likelihood mode: one per verdict
 
 
-def _ratio(verdicts: list[Optional[bool]]) -> RAGScore:
-    ok = [v for v in verdicts if v is not None]
-    return RAGScore(sum(ok) / len(ok) if ok else None, verdicts, len(verdicts) - len(ok))
+def _ratio(calls: list[JudgeCall]) -> RAGScore:
+    found = [c.value for c in calls]
+    ok = [v for v in found if v is not None]
+    return RAGScore(sum(ok) / len(ok) if ok else None, found, len(found) - len(ok), _margins(calls))
+
+
+def _margins(calls: list[JudgeCall]) -> list[float]:
+    return [c.margin for c in calls if c.margin is not None]
 
 
 def _group(flat: list[T], sizes: list[int]) -> list[list[T]]:
@@ -55,39 +65,42 @@ def _group(flat: list[T], sizes: list[int]) -> list[list[T]]:
     return out
 
 
-def _yes_no_groups(model, groups: list[list[str]], seed: int, chat: bool,
-                   temperature: float) -> list[list[Optional[bool]]]:
+def _yes_no_groups(model, groups: list[list[str]], seed: int, chat: bool, temperature: float,
+                   mode: JudgeMode) -> list[list[JudgeCall]]:
     """One batched yes/no question per prompt, regrouped per item."""
     flat = [p for g in groups for p in g]
-    verdicts = [c.value for c in ask(model, flat, parse_yes_no, seed, 2, chat, 4, temperature)]
-    return _group(verdicts, [len(g) for g in groups])
+    calls = verdicts(model, flat, parse_yes_no, YES_NO_OPTIONS, mode, seed, 2, chat, 4, temperature)
+    return _group(calls, [len(g) for g in groups])
 
 
 def _supported_scores(model, texts: Sequence[str], contexts: Sequence[Sequence[str]], seed: int, chat: bool,
-                      temperature: float) -> list[RAGScore]:
+                      temperature: float, mode: JudgeMode) -> list[RAGScore]:
     groups = [[SUPPORT_PROMPT.format(context="\n\n".join(ctx), statement=s) for s in split_sentences(t)]
               for t, ctx in zip(texts, contexts)]
-    return [_ratio(v) for v in _yes_no_groups(model, groups, seed, chat, temperature)]
+    return [_ratio(calls) for calls in _yes_no_groups(model, groups, seed, chat, temperature, mode)]
 
 
 def faithfulness_scores(model, answers: Sequence[str], contexts: Sequence[Sequence[str]], seed: int = 0,
-                        chat: bool = True, temperature: float = 0.0) -> list[RAGScore]:
+                        chat: bool = True, temperature: float = 0.0, mode: JudgeMode = "generate") -> list[RAGScore]:
     """Per item: the share of the answer's sentences that its retrieved contexts support."""
-    return _supported_scores(model, answers, contexts, seed, chat, temperature)
+    return _supported_scores(model, answers, contexts, seed, chat, temperature, mode)
 
 
 def context_recall_scores(model, references: Sequence[str], contexts: Sequence[Sequence[str]], seed: int = 0,
-                          chat: bool = True, temperature: float = 0.0) -> list[RAGScore]:
+                          chat: bool = True, temperature: float = 0.0,
+                          mode: JudgeMode = "generate") -> list[RAGScore]:
     """Per item: the share of the reference's sentences attributable to its retrieved contexts."""
-    return _supported_scores(model, references, contexts, seed, chat, temperature)
+    return _supported_scores(model, references, contexts, seed, chat, temperature, mode)
 
 
-def faithfulness(model, answer: str, contexts: Sequence[str], seed: int = 0, chat: bool = True) -> RAGScore:
-    return faithfulness_scores(model, [answer], [contexts], seed, chat)[0]
+def faithfulness(model, answer: str, contexts: Sequence[str], seed: int = 0, chat: bool = True,
+                 mode: JudgeMode = "generate") -> RAGScore:
+    return faithfulness_scores(model, [answer], [contexts], seed, chat, mode=mode)[0]
 
 
-def context_recall(model, reference: str, contexts: Sequence[str], seed: int = 0, chat: bool = True) -> RAGScore:
-    return context_recall_scores(model, [reference], [contexts], seed, chat)[0]
+def context_recall(model, reference: str, contexts: Sequence[str], seed: int = 0, chat: bool = True,
+                   mode: JudgeMode = "generate") -> RAGScore:
+    return context_recall_scores(model, [reference], [contexts], seed, chat, mode=mode)[0]
 
 
 def average_precision(useful: Sequence[bool]) -> float:
@@ -102,21 +115,22 @@ def average_precision(useful: Sequence[bool]) -> float:
 
 def context_precision_scores(model, questions: Sequence[str], references: Sequence[str],
                              contexts: Sequence[Sequence[str]], seed: int = 0, chat: bool = True,
-                             temperature: float = 0.0) -> list[RAGScore]:
+                             temperature: float = 0.0, mode: JudgeMode = "generate") -> list[RAGScore]:
     """Per item: average precision of the chunks judged useful for the reference, in rank order."""
     groups = [[USEFUL_PROMPT.format(question=q, reference=r, chunk=c) for c in ctx]
               for q, r, ctx in zip(questions, references, contexts)]
     out = []
-    for verdicts in _yes_no_groups(model, groups, seed, chat, temperature):
-        ok = [v for v in verdicts if v is not None]
+    for calls in _yes_no_groups(model, groups, seed, chat, temperature, mode):
+        found = [c.value for c in calls]
+        ok = [v for v in found if v is not None]
         # an unparseable chunk is dropped from the ranking (its rank is unknown), and counted
-        out.append(RAGScore(average_precision(ok) if ok else None, verdicts, len(verdicts) - len(ok)))
+        out.append(RAGScore(average_precision(ok) if ok else None, found, len(found) - len(ok), _margins(calls)))
     return out
 
 
 def context_precision(model, question: str, reference: str, contexts: Sequence[str], seed: int = 0,
-                      chat: bool = True) -> RAGScore:
-    return context_precision_scores(model, [question], [reference], [contexts], seed, chat)[0]
+                      chat: bool = True, mode: JudgeMode = "generate") -> RAGScore:
+    return context_precision_scores(model, [question], [reference], [contexts], seed, chat, mode=mode)[0]
 
 
 def default_embed() -> Callable[[list[str]], object]:

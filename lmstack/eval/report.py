@@ -25,12 +25,12 @@ from lmstack.eval.cache import OutputCache
 from lmstack.eval.gates import GateResult, check_gates
 from lmstack.eval.scoring import MetricValue
 from lmstack.eval.stats import paired_bootstrap, permutation_test
-from lmstack.eval.tasks import Model, SuiteConfig, TaskResult, run_task
+from lmstack.eval.tasks import Model, SuiteConfig, TaskResult, check_judge, run_task
 
 REPORT_VERSION = 2
 # metrics not on a [0, 1] higher-is-better scale, left out of the chart
 _NOT_UNIT = {"bleu", "chrf", "perplexity", "bits_per_byte", "judge_error_rate", "judge_errors", "judge_seed_std",
-             "position_bias", "g_eval", "gpt_score", "selfcheck_ngram", "selfcheck_bertscore"}
+             "judge_low_confidence", "position_bias", "g_eval", "gpt_score", "selfcheck_ngram", "selfcheck_bertscore"}
 
 
 @dataclass
@@ -186,6 +186,8 @@ def run_suite(suite: SuiteConfig, model: Model, model_name: str, judge: Optional
               progress: bool = True, cache: Optional[OutputCache] = None) -> EvalReport:
     """Run every task, then the suite's gates (against ``suite.baseline`` when given)."""
     baseline = load_report(suite.baseline) if suite.baseline else None
+    for t in suite.tasks:  # a judge that cannot serve a task fails the suite before anything runs
+        check_judge(t, judge)
     results = [run_task(t, model, judge, suite.bootstrap_resamples, suite.alpha, suite.seed, progress, cache)
                for t in suite.tasks]
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

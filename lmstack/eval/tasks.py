@@ -37,7 +37,7 @@ from typing import Literal, Optional, Protocol, Sequence, get_args
 from lmstack.errors import ConfigError, UnsupportedError
 from lmstack.eval import datasets as D
 from lmstack.eval.cache import OutputCache, cache_key, cached_map
-from lmstack.eval.judges import DAG, GEvalConfig
+from lmstack.eval.judges import DAG, GEvalConfig, JudgeMode
 from lmstack.eval.models import LLMModel  # noqa: F401  (re-exported: the harness's local model)
 from lmstack.eval.scoring import MetricValue, check_metric_names, from_item_scores, score
 
@@ -93,6 +93,9 @@ class TaskConfig:
     judge_rubric: Optional[str] = None  # judge: the grading rubric (default: correctness vs the reference)
     judge_seeds: list[int] = field(default_factory=lambda: [0])  # judge kinds: one run per seed, spread reported
     judge_temperature: float = 0.0  # judge kinds: the judge's sampling temperature (retries use >= 0.7)
+    # judge kinds: parse the judge's generated reply, or take the most likely allowed answer (local judges)
+    judge_mode: JudgeMode = "generate"
+    judge_low_margin: float = 0.2  # likelihood judges: a verdict won by fewer nats than this is low confidence
     window: Optional[int] = None  # perplexity: tokens per window (default: the model's context)
     stride: Optional[int] = None  # perplexity: window start step (default: window // 2)
     g_eval: Optional[GEvalConfig] = None  # g_eval: criterion, criteria, steps, source_kind, output_kind
@@ -118,6 +121,12 @@ class TaskConfig:
                                   f"{self.kind!r}")
         if self.kind in JUDGE_KINDS and not self.judge_seeds:
             raise ConfigError(f"{where}: judge_seeds is empty; expected at least one seed, e.g. [0]")
+        if self.judge_mode == "likelihood" and self.kind not in JUDGE_KINDS:
+            raise ConfigError(f"{where}: judge_mode 'likelihood' applies to the judge kinds {list(JUDGE_KINDS)}; "
+                              f"this task's kind is {self.kind!r}")
+        if self.judge_low_margin < 0:
+            raise ConfigError(f"{where}: judge_low_margin={self.judge_low_margin}, expected a log-probability "
+                              "gap >= 0, e.g. 0.2")
         if self.kind == "generative":
             self.metrics = self.metrics or list(DEFAULT_METRICS[self.dataset_type])
             check_metric_names(self.metrics, where)
@@ -354,6 +363,19 @@ def generate_answers(task: TaskConfig, model, items: list, cache: OutputCache,
     return prompts, preds
 
 
+def check_judge(task: TaskConfig, judge: Optional[Model]) -> None:
+    """A judge kind needs a judge, and ``judge_mode: likelihood`` one that exposes log-likelihoods
+    of its answers (a local model; an endpoint's chat API gives none). Checked for every task of
+    a suite before any runs."""
+    if task.kind in JUDGE_KINDS and judge is None:
+        raise ConfigError(f"task {task.name!r}: kind {task.kind!r} needs a judge model")
+    if task.judge_mode == "likelihood" and not hasattr(judge, "option_loglikelihoods"):
+        name = getattr(judge, "name", type(judge).__name__)
+        raise ConfigError(f"task {task.name!r}: judge_mode 'likelihood' needs a judge that exposes log-likelihoods "
+                          f"of its answers (a local model); the judge {name} does not. Use judge_mode: generate, "
+                          "or a local judge (--judge PATH)")
+
+
 def run_task(task: TaskConfig, model: Model, judge: Optional[Model] = None, n_resamples: int = 1000,
              alpha: float = 0.05, seed: int = 0, progress: bool = True,
              cache: Optional[OutputCache] = None) -> TaskResult:
@@ -426,8 +448,7 @@ def run_task(task: TaskConfig, model: Model, judge: Optional[Model] = None, n_re
     else:
         from lmstack.eval.judge_tasks import Stats, run_scored_kind
 
-        if task.kind in JUDGE_KINDS and judge is None:
-            raise ConfigError(f"task {task.name!r}: kind {task.kind!r} needs a judge model")
+        check_judge(task, judge)
         out = run_scored_kind(task, model, judge, items, cache, progress, Stats(n_resamples, alpha, seed))
         metrics, per_item, records, key, higher = out.metrics, out.per_item, out.records, out.key, out.higher_is_better
         notes += out.notes

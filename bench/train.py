@@ -2,11 +2,15 @@
 
     .venv/bin/python bench/train.py                 # every case, 2 threads, prints a Markdown table
     .venv/bin/python bench/train.py --case lora-peft # one case (what the driver runs per process)
+    .venv/bin/python bench/train.py --only lora-ckpt-lmstack qlora-ckpt-lmstack --loss-chunk 0
 
 Each case runs in its own process (so peak memory is that case's alone) with glibc told to
 return freed blocks to the OS (MALLOC_MMAP_THRESHOLD_), and peak memory is the highest RSS
 sampled every 2 ms during the timed steps. Step time is the median of the timed steps after
-one warm-up step.
+one warm-up step. The fine-tuning cases also report the peak above the RSS the process had
+just before it loaded the model (after importing torch, transformers and lmstack): the
+library pages are the same whatever is trained, so that figure is what the model, its
+tokenizer, the activations and the optimizer cost.
 
 * ``pretrain-*``: random token batches through ``Transformer`` + AdamW (fwd, bwd, step);
   MFU = achieved FLOPs (6N + attention, PaLM app. B) / the measured 1024^3 matmul throughput
@@ -15,7 +19,10 @@ one warm-up step.
   Hugging Face folder so both sides load the same fp32 weights), r=8, alpha=16, all seven
   linear projections, batch of 8 examples of the shipped instruction set (right-padded, loss
   on assistant tokens, no attention mask on either side), fp32, AdamW.
-* ``qlora-lmstack`` / ``qlora8-lmstack``: the same with the frozen base in group-wise int4 / int8.
+* ``qlora-lmstack`` / ``qlora8-lmstack``: the same with the frozen base in group-wise int4 / int8
+  (the tied embedding / output projection too, unless ``--float-embedding``).
+* ``--loss-chunk`` sets ``token_loss_sum``'s fused projection + loss chunk for the lmstack
+  cases (0: one unfused projection with full logits, as transformers computes its loss).
 """
 
 from __future__ import annotations
@@ -61,16 +68,21 @@ class PeakRSS:
         self._t.join()
 
 
-def _timed_steps(step, n_steps: int) -> tuple[float, int, int]:
-    step()  # warm-up
-    base = PeakRSS().rss()
+def _timed_steps(step, n_steps: int) -> tuple[float, int]:
+    """(median step seconds, peak RSS in bytes) over ``n_steps`` steps after one warm-up."""
+    step()
     times = []
     with PeakRSS() as mem:
         for _ in range(n_steps):
             t = time.perf_counter()
             step()
             times.append(time.perf_counter() - t)
-    return statistics.median(times), mem.peak, base
+    return statistics.median(times), mem.peak
+
+
+def _memory(peak: int, before_load: int) -> dict:
+    return {"peak_rss_mib": peak / 2**20, "rss_before_load_mib": before_load / 2**20,
+            "peak_above_load_mib": (peak - before_load) / 2**20}
 
 
 def case_pretrain(name: str, dtype: str, steps: int) -> dict:
@@ -95,7 +107,7 @@ def case_pretrain(name: str, dtype: str, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    sec, peak, base = _timed_steps(step, steps)
+    sec, peak = _timed_steps(step, steps)
     tps = B * T / sec
     fpt = flops_per_token(cfg, model.num_params(), T)
     pk = peak_flops("cpu", dt)
@@ -114,34 +126,39 @@ def _sft_batch(tok):
     return b["inputs"], b["targets"], torch.cat([b["inputs"][:, :1], b["targets"]], 1)
 
 
-def case_lora_lmstack(method: str, steps: int, bits: str = "int4", ckpt: bool = False) -> dict:
+def case_lora_lmstack(method: str, steps: int, bits: str = "int4", ckpt: bool = False, loss_chunk: int = 4096,
+                      quant_embedding: bool = True) -> dict:
     import torch
 
     from lmstack import LLM
     from lmstack.peft import PEFTConfig, apply_peft, param_counts
     from lmstack.train.common import token_loss_sum
 
-    base_rss = PeakRSS().rss()
+    before_load = PeakRSS().rss()
     llm = LLM.load()
     model, tok = llm.model, llm.tokenizer
     torch.manual_seed(0)
-    apply_peft(model, PEFTConfig(method=method, r=8, alpha=16, quant_bits=bits, group_size=64))
+    apply_peft(model, PEFTConfig(method=method, r=8, alpha=16, quant_bits=bits, group_size=64,
+                                 quant_embedding=quant_embedding))
     model.gradient_checkpointing = ckpt
     model.train()
     inputs, targets, _ = _sft_batch(tok)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
 
     def step():
-        s, n = token_loss_sum(model, inputs, targets)
+        s, n = token_loss_sum(model, inputs, targets, loss_chunk=loss_chunk)
         (s / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    sec, peak, _ = _timed_steps(step, steps)
+    sec, peak = _timed_steps(step, steps)
     label = {"lora": "LoRA lmstack", "qlora": f"QLoRA ({bits}) lmstack"}[method]
     label += " + activation checkpointing" if ckpt else ""
-    return {"case": label, "trainable": param_counts(model)[0], "tokens_per_step": inputs.numel(),
-            "step_s": sec, "peak_rss_mib": peak / 2**20, "rss_before_load_mib": base_rss / 2**20}
+    label += ", fp32 embedding" if method == "qlora" and not quant_embedding else ""
+    label += ", unfused loss" if loss_chunk == 0 else ""
+    return {"case": label, "method": method if method == "lora" else f"qlora-{bits}", "ckpt": ckpt,
+            "trainable": param_counts(model)[0], "tokens_per_step": inputs.numel(),
+            "target_tokens": int((targets != -100).sum()), "step_s": sec, **_memory(peak, before_load)}
 
 
 def case_lora_peft(steps: int, ckpt: bool = False) -> dict:
@@ -149,15 +166,16 @@ def case_lora_peft(steps: int, ckpt: bool = False) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lmstack import LLM
+    from lmstack.tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory() as d:
-        llm = LLM.load()
-        tok = llm.tokenizer
-        llm.save(d, format="hf")
-        del llm
-        base_rss = PeakRSS().rss()
+        # The export runs in a child process so that this one's RSS before the load holds the
+        # imported libraries only, as in the lmstack cases.
+        subprocess.run([sys.executable, "-c", f"from lmstack import LLM; LLM.load().save({d!r}, format='hf')"],
+                       check=True)
+        before_load = PeakRSS().rss()
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa")
+        tok = Tokenizer.load(d)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
@@ -178,14 +196,14 @@ def case_lora_peft(steps: int, ckpt: bool = False) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    sec, peak, _ = _timed_steps(step, steps)
+    sec, peak = _timed_steps(step, steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     label = "LoRA transformers+PEFT" + (" + activation checkpointing" if ckpt else "")
     return {"case": label, "trainable": trainable, "tokens_per_step": inputs.numel(),
-            "step_s": sec, "peak_rss_mib": peak / 2**20, "rss_before_load_mib": base_rss / 2**20}
+            "step_s": sec, **_memory(peak, before_load)}
 
 
-def run_case(name: str, steps: int) -> dict:
+def run_case(name: str, steps: int, loss_chunk: int, quant_embedding: bool) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -194,9 +212,24 @@ def run_case(name: str, steps: int) -> dict:
         return case_pretrain(parts[0], parts[1], steps)
     if name.endswith("-peft"):
         return case_lora_peft(steps, ckpt="-ckpt" in name)
-    if name == "qlora8-lmstack":
-        return case_lora_lmstack("qlora", steps, "int8")
-    return case_lora_lmstack(name.split("-")[0], steps, ckpt="-ckpt" in name)
+    method = "qlora" if name.startswith("qlora") else "lora"
+    return case_lora_lmstack(method, steps, "int8" if name.startswith("qlora8") else "int4", ckpt="-ckpt" in name,
+                             loss_chunk=loss_chunk, quant_embedding=quant_embedding)
+
+
+def _ratios(results: list[dict]) -> list[str]:
+    """QLoRA int4 against LoRA (both lmstack), with and without checkpointing, on both measures."""
+    by = {(r.get("method"), r.get("ckpt")): r for r in results}
+    lines = []
+    for ckpt in (False, True):
+        lora, qlora = by.get(("lora", ckpt)), by.get(("qlora-int4", ckpt))
+        if lora and qlora:
+            total = qlora["peak_rss_mib"] / lora["peak_rss_mib"]
+            above = qlora["peak_above_load_mib"] / lora["peak_above_load_mib"]
+            lines.append(f"QLoRA int4 / LoRA, checkpointing {'on' if ckpt else 'off'} on both: total peak RSS "
+                         f"{total:.2f}x ({'met' if total <= 0.5 else 'not met'}), above pre-load {above:.2f}x "
+                         f"({'met' if above <= 0.5 else 'not met'}) against the 0.5x target")
+    return lines
 
 
 def main() -> None:
@@ -204,15 +237,20 @@ def main() -> None:
     ap.add_argument("--case", choices=CASES)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="cases to run (default: all)")
+    ap.add_argument("--loss-chunk", type=int, default=4096,
+                    help="lmstack cases: vocabulary rows per chunk of the fused loss (0 = unfused)")
+    ap.add_argument("--float-embedding", action="store_true",
+                    help="QLoRA cases: keep the tied embedding / output projection in fp32")
     ap.add_argument("--out", help="write all results as JSON here")
     args = ap.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, args.steps)))
+        print(json.dumps(run_case(args.case, args.steps, args.loss_chunk, not args.float_embedding)))
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "2"}
+    extra = ["--loss-chunk", str(args.loss_chunk)] + (["--float-embedding"] if args.float_embedding else [])
     results = []
     for c in args.only or CASES:
-        p = subprocess.run([sys.executable, __file__, "--case", c, "--steps", str(args.steps)], env=env,
+        p = subprocess.run([sys.executable, __file__, "--case", c, "--steps", str(args.steps), *extra], env=env,
                            capture_output=True, text=True)
         if p.returncode != 0:
             print(f"{c}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
@@ -222,11 +260,14 @@ def main() -> None:
         print(json.dumps(r), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
-    print("\n| case | step (s) | tokens/s | MFU | peak RSS (MiB) |\n|---|---|---|---|---|")
+    print("\n| case | step (s) | tokens/s | MFU | peak RSS (MiB) | above pre-load (MiB) |\n|---|---|---|---|---|---|")
     for r in results:
         tps = r.get("tokens_per_s", r["tokens_per_step"] / r["step_s"])
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
-        print(f"| {r['case']} | {r['step_s']:.2f} | {tps:,.0f} | {mfu} | {r['peak_rss_mib']:,.0f} |")
+        above = f"{r['peak_above_load_mib']:,.0f}" if "peak_above_load_mib" in r else "-"
+        print(f"| {r['case']} | {r['step_s']:.2f} | {tps:,.0f} | {mfu} | {r['peak_rss_mib']:,.0f} | {above} |")
+    for line in _ratios(results):
+        print(line)
 
 
 if __name__ == "__main__":

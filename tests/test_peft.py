@@ -9,7 +9,8 @@ from lmstack.model import Transformer, preset
 from lmstack.peft import (AdapterLinear, LoRALinear, PEFTConfig, PrefixAttention, apply_peft, load_adapter,
                           merge_and_unload, merge_lora, param_counts, peft_disabled, peft_state_dict,
                           save_adapter, unmerge_lora)
-from lmstack.quant import QuantLinear, dequantize, quantize_int4, quantize_int8
+from lmstack.quant import QuantEmbedding, QuantLinear, dequantize, quantize_int4, quantize_int8
+from lmstack.train.common import token_loss_sum
 
 
 def _model(name="tiny-llama", seed=0):
@@ -115,15 +116,17 @@ def test_adapter_refuses_other_base(tmp_path):
         load_adapter(_model("tiny-qwen2"), tmp_path / "a")
 
 
-def test_merge_and_unload_exports_plain_model(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_merge_and_unload_exports_plain_model(tmp_path, method):
     from lmstack.model.checkpoint import load_checkpoint, save_native
 
-    model = apply_peft(_model(), PEFTConfig(method="lora", r=4, alpha=8))
+    model = apply_peft(_model(), PEFTConfig(method=method, r=4, alpha=8, group_size=32))
     _randomise_lora(model)
     ids = _ids()
     want = model(ids)
     merged = merge_and_unload(model)
-    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    assert not any(isinstance(m, (LoRALinear, QuantEmbedding)) for m in merged.modules())
+    assert isinstance(merged.tok_emb, torch.nn.Embedding)
     save_native(merged, tmp_path / "m")
     loaded, _, _ = load_checkpoint(tmp_path / "m")
     torch.testing.assert_close(loaded(ids), want, rtol=1e-4, atol=1e-5)
@@ -154,11 +157,13 @@ def test_qlora_trains_adapters_only_and_saves_memory():
     assert isinstance(q, LoRALinear) and q.bits == "int4" and q.weight.dtype == torch.uint8
     assert "blocks.0.mlp.down_proj.weight" in model.state_dict()
     out = model(ids)
+    assert isinstance(model.tok_emb, QuantEmbedding) and "tok_emb.qweight" in model.state_dict()
     deq = copy.deepcopy(base)  # the reference: the base with each weight replaced by its dequantised copy
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, LoRALinear):
                 deq.get_submodule(name).weight.copy_(dequantize(m.weight, m.scales, "int4", 32))
+        deq.tok_emb.weight.copy_(dequantize(model.tok_emb.qweight, model.tok_emb.scales, "int4", 32))
     torch.testing.assert_close(out, deq(ids), rtol=1e-5, atol=1e-5)
     assert 0 < (out - ref).abs().max() < 0.1 * ref.abs().max()
     out.logsumexp(-1).mean().backward()
@@ -167,6 +172,52 @@ def test_qlora_trains_adapters_only_and_saves_memory():
     lin = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, LoRALinear))
     lin_fp32 = sum(m.in_features * m.out_features * 4 for m in model.modules() if isinstance(m, LoRALinear))
     assert lin * 8 == lin_fp32
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_quant_embedding_lookup_and_slices_equal_the_dequantised_table(bits):
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 64)
+    q = QuantEmbedding(emb, bits, 32)
+    table = q.weight
+    assert table.shape == (50, 64) and table.dtype == torch.float32
+    assert (table - emb.weight).abs().max() < 0.1 * emb.weight.abs().max()
+    idx = torch.tensor([[3, 49, 0], [3, 7, 7]])
+    torch.testing.assert_close(q(idx), torch.nn.functional.embedding(idx, table), rtol=0, atol=0)
+    torch.testing.assert_close(q.rows(10, 17), table[10:17], rtol=0, atol=0)
+    torch.testing.assert_close(q.to_embedding().weight, table, rtol=0, atol=0)
+    fp32_bytes = emb.weight.numel() * 4
+    assert q.qweight.numel() * q.qweight.element_size() * (4 if bits == "int8" else 8) == fp32_bytes
+
+
+def test_qlora_keeps_no_dequantised_weight_for_backward():
+    """The activations QLoRA saves for backward are LoRA's; the full-precision weights are
+    rebuilt in backward, never kept (nor is the quantised tied embedding's table)."""
+    model = apply_peft(_model(), PEFTConfig(method="qlora", r=4, alpha=8, group_size=32)).train()
+    weight_shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, LoRALinear)}
+    weight_shapes.add(tuple(model.tok_emb.weight.shape))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        s, n = token_loss_sum(model, _ids(B=2, T=11)[:, :-1], _ids(B=2, T=11)[:, 1:])
+    assert saved and not [tuple(x.shape) for x in saved if x.is_floating_point() and tuple(x.shape) in weight_shapes]
+    s.backward()
+    assert all(m.lora_B.grad is not None for m in model.modules() if isinstance(m, LoRALinear))
+
+
+def test_qlora_model_generates_with_a_quantised_tied_embedding():
+    from lmstack.infer.generate import stream_generate
+    from lmstack.infer.sampling import SamplingParams
+
+    model = apply_peft(_model(), PEFTConfig(method="qlora", r=4, alpha=8, group_size=32))
+    assert model.new_cache(1).k[0].dtype == torch.float32
+    ids = _ids(B=1, T=6)[0].tolist()
+    toks = [ev.token_id for ev in stream_generate(model, None, [ids], SamplingParams(max_new_tokens=5))]
+    with torch.no_grad():
+        for t in toks:  # greedy: each token is the argmax of the uncached forward
+            assert int(model(torch.tensor([ids]))[0, -1].argmax()) == t
+            ids.append(t)
+    trainable, total = param_counts(model)  # quantised tensors count their logical size
+    assert total == param_counts(_model())[1] + trainable
 
 
 def test_qlora_backward_matches_dequantised_reference():

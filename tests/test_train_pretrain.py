@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -74,6 +75,22 @@ def test_grad_accum_matches_bigger_batch(shards, tmp_path):
     a = pretrain(_cfg(shards, tmp_path / "a", max_steps=3, batch_size=4))
     b = pretrain(_cfg(shards, tmp_path / "b", max_steps=3, batch_size=2, tokens_per_step=4 * 32))
     assert a["losses"] == pytest.approx(b["losses"], abs=1e-5)
+
+
+def _cxx_compiler():
+    return next((c for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c and shutil.which(c)), None)
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(shards, tmp_path):
+    if _cxx_compiler() is None:
+        pytest.skip("torch.compile on CPU builds its generated kernels with a C++ compiler; found none "
+                    "(set CXX or install g++/clang++)")
+    eager = pretrain(_cfg(shards, tmp_path / "eager", max_steps=3))
+    compiled = pretrain(_cfg(shards, tmp_path / "compiled", max_steps=3, compile=True))
+    assert compiled["losses"] == pytest.approx(eager["losses"], abs=1e-5)
+    a, b = _final_tensors(tmp_path / "eager"), _final_tensors(tmp_path / "compiled")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
 class _Killed(BaseException):

@@ -115,6 +115,45 @@ def test_sft_golden_first_losses(tmp_path, method, golden):
     assert out.is_dir()
 
 
+def test_tokens_per_step_accumulates_to_the_same_update_as_one_batch(tmp_path):
+    from safetensors.torch import load_file
+
+    from lmstack.train.chat_data import encode_dataset
+
+    data = _write(tmp_path)
+    counts = [sum(m[1:]) for _, m in encode_dataset(byte_level_tokenizer(), read_jsonl(str(data)), 512)]
+    assert set(counts) <= {2, 3}  # so 2 examples hold at most 6 target tokens and 4 hold at least 8
+    one = sft(_cfg(tmp_path / "one", data, batch_size=4, max_steps=4))
+    two = sft(_cfg(tmp_path / "two", data, batch_size=2, max_steps=4, tokens_per_step=7))
+    recs = [json.loads(x) for x in (tmp_path / "two" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["micro_batches"] for r in recs if "loss" in r] == [2, 2, 2, 2]
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    a = load_file(str(tmp_path / "one" / "run" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "two" / "run" / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_step_items_take_micro_batches_until_the_token_target():
+    from lmstack.train.common import EpochOrder
+    from lmstack.train.sft import _step_items, _steps_for_epochs
+
+    counts = [5, 1, 1, 1, 4, 2, 9, 1]
+    order = EpochOrder(len(counts), 0, shuffle=False)
+    assert _step_items(order, counts, 2, 1, 6) == [[0, 1]]  # 6 tokens: one micro-batch is enough
+    assert _step_items(order, counts, 2, 1, 6) == [[2, 3], [4, 5]]  # 2, then 8
+    assert _step_items(order, counts, 2, 1, 6) == [[6, 7]]
+    assert _step_items(order, counts, 2, 3, 0) == [[0, 1], [2, 3], [4, 5]]  # next epoch, fixed accumulation
+    assert _steps_for_epochs(1.0, counts, 0, 2, 2, 0) == 2
+    assert _steps_for_epochs(1.0, [1] * 8, 0, 2, 1, 4) == 2
+
+
+def test_grad_accum_and_tokens_per_step_together_is_an_error(tmp_path):
+    from lmstack.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="only one of them"):
+        sft(_cfg(tmp_path, _write(tmp_path), grad_accum=2, tokens_per_step=100))
+
+
 @pytest.mark.slow
 def test_sft_resume_is_bitwise_exact(tmp_path, monkeypatch):
     from lmstack.train.common import MetricsLog
@@ -179,25 +218,35 @@ def test_teacher_forced_exact_match_agrees_with_greedy_decoding():
 
 
 @pytest.mark.slow
-def test_sft_lora_ddp_two_gloo_processes_match_single(tmp_path):
+@pytest.mark.parametrize("strategy,method", [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "full")])
+def test_sft_two_gloo_processes_match_single(tmp_path, strategy, method):
+    """The SFT entry point under torchrun (FSDP: full sharding per block and at the root)
+    gives the single-process losses and writes the same adapter / model."""
     import os
     import socket
     import subprocess
     import sys
     from pathlib import Path
 
+    from safetensors.torch import load_file
+
     data = _write(tmp_path)
-    single = sft(_cfg(tmp_path / "single", data, max_steps=4))
+    peft = {"method": method, "r": 4, "alpha": 8}
+    single = sft(_cfg(tmp_path / "single", data, max_steps=4, peft=peft))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    cfg = tmp_path / "lora.yaml"
-    cfg.write_text(f"model: tiny-llama\ndata: {data}\nval_data: {data}\nout_dir: {tmp_path / 'ddp'}\n"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: tiny-llama\ndata: {data}\nval_data: {data}\nout_dir: {tmp_path / 'dist'}\n"
                    "batch_size: 2\nmax_steps: 4\nlr: 1.0e-2\nmin_lr: 1.0e-3\nwarmup_steps: 1\neval_interval: 5\n"
-                   "ckpt_interval: 2\nprogress: false\npeft: {method: lora, r: 4, alpha: 8}\n")
+                   f"ckpt_interval: 2\nprogress: false\ndistributed: {strategy}\n"
+                   f"peft: {{method: {method}, r: 4, alpha: 8}}\n")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                         "-m", "lmstack.cli.main", "sft", str(cfg)], cwd=Path(__file__).resolve().parents[1],
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    recs = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()]
     assert [x["loss"] for x in recs if "loss" in x] == pytest.approx(single["losses"], abs=1e-4)
+    out = "adapter/adapter.safetensors" if method == "lora" else "final/model.safetensors"
+    a, b = load_file(str(tmp_path / "single" / "run" / out)), load_file(str(tmp_path / "dist" / out))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

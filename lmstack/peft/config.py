@@ -19,6 +19,9 @@ class PEFTConfig:
     targets: list[str] = field(default_factory=lambda: list(ALL_LINEARS))
     quant_bits: Literal["int8", "int4"] = "int4"
     group_size: int = 64
+    quant_embedding: bool = field(default=True, metadata={
+        "help": "QLoRA: also store the frozen embeddings quantised (token and learned positions; with tied "
+                "embeddings that is the output projection too)"})
     keep_base_copy: bool = False
     n_prefix: int = 16
     adapter_size: int = 32

@@ -53,9 +53,11 @@ def apply_peft(model: nn.Module, cfg: PEFTConfig) -> nn.Module:
         p.requires_grad_(False)
     if cfg.method in ("lora", "qlora"):
         if cfg.method == "qlora":
-            from lmstack.quant.linear import quantize_model
+            from lmstack.quant.linear import quantize_embeddings, quantize_model
 
             quantize_model(model, cfg.quant_bits, cfg.group_size, targets=cfg.targets)
+            if cfg.quant_embedding:
+                quantize_embeddings(model, cfg.quant_bits, cfg.group_size)
             _own_memory(model)
         n = _swap(model, cfg.targets, lambda m: LoRALinear(m, cfg.r, cfg.alpha, cfg.dropout, cfg.keep_base_copy))
     elif cfg.method == "prefix":
@@ -88,10 +90,14 @@ def _own_memory(model: nn.Module) -> None:
 
 def param_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; quantised weights count their logical size."""
+    from lmstack.quant.linear import QuantEmbedding
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     for m in model.modules():
-        if getattr(m, "bits", None) is not None:
+        if isinstance(m, QuantEmbedding):
+            total += m.num_embeddings * m.embedding_dim
+        elif getattr(m, "bits", None) is not None:
             total += m.in_features * m.out_features
     return trainable, total
 
@@ -148,9 +154,11 @@ def unmerge_lora(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every LoRA module by a plain ``nn.Linear`` holding the merged weight, in place.
 
-    The result is an ordinary model (QLoRA bases are dequantised) that ``save_native`` and
-    ``export_hf`` write with the base's keys.
+    The result is an ordinary model (QLoRA bases, quantised embeddings included, are
+    dequantised) that ``save_native`` and ``export_hf`` write with the base's keys.
     """
+    from lmstack.quant.linear import QuantEmbedding
+
     if any(isinstance(m, (AdapterLinear, PrefixAttention)) for m in model.modules()):
         raise UnsupportedError("adapters and prefixes cannot be merged into the base weights; "
                                "save them with save_adapter")
@@ -158,6 +166,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(parent, name, child.to_linear())
+            elif isinstance(child, QuantEmbedding):
+                setattr(parent, name, child.to_embedding())
     for p in model.parameters():
         p.requires_grad_(True)
     if hasattr(model, "peft_config"):

@@ -1,5 +1,7 @@
-"""Weight-only quantisation of frozen linear layers (int8 per row, int4 group-wise)."""
+"""Weight-only quantisation of frozen linear layers and embeddings (int8 per row, int4 group-wise)."""
 
-from lmstack.quant.linear import QuantLinear, dequantize, quantize_int4, quantize_int8, quantize_model, quantized_linear
+from lmstack.quant.linear import (QuantEmbedding, QuantLinear, dequantize, quantize_embeddings, quantize_int4,
+                                  quantize_int8, quantize_model, quantized_linear)
 
-__all__ = ["QuantLinear", "dequantize", "quantize_int4", "quantize_int8", "quantize_model", "quantized_linear"]
+__all__ = ["QuantEmbedding", "QuantLinear", "dequantize", "quantize_embeddings", "quantize_int4", "quantize_int8",
+           "quantize_model", "quantized_linear"]

@@ -14,8 +14,15 @@ Two formats, both symmetric absmax (no zero point):
 and checkpoint keys are unchanged; ``scales`` is added beside it. The forward dequantises on
 the fly and the backward recomputes the dequantised weight instead of saving it, so the
 full-precision weight never outlives one layer's matmul (that is where the memory saving of
-QLoRA comes from). Deliberately left out: quantised matmul kernels (the product runs in the
-activation dtype), activation quantisation, and training the quantised weight itself.
+QLoRA comes from).
+
+``QuantEmbedding`` stores a frozen embedding table the same way, one quantised row per token.
+A lookup dequantises only the rows it returns; ``rows(start, end)`` dequantises a slice, which
+is how the training loss reads a tied output projection chunk by chunk
+(``lmstack.train.loss``). Its ``weight`` is the whole table dequantised on each access, a
+temporary for code that wants the dense matrix (the model's own logits, generation).
+Deliberately left out: quantised matmul kernels (the product runs in the activation dtype),
+activation quantisation, and training the quantised weight itself.
 """
 
 from __future__ import annotations
@@ -42,8 +49,9 @@ def quantize_int4(w: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, 
     """Group-wise absmax int4: returns ``(packed uint8 (out, in/2), scales (out, in/group_size))``."""
     out_f, in_f = w.shape
     if in_f % group_size or group_size % 2:
-        raise ConfigError(f"int4 quantisation: in_features={in_f} is not a multiple of group_size={group_size} "
-                          "(expected an even group size that divides every target layer's input width)")
+        raise ConfigError(f"int4 quantisation: rows of {in_f} values (a layer's in_features or an embedding's "
+                          f"width) are not a multiple of group_size={group_size} (expected an even group size "
+                          "that divides every quantised row)")
     g = w.detach().float().view(out_f, in_f // group_size, group_size)
     scales = g.abs().amax(dim=2).clamp(min=1e-12) / 7.0  # (out, n_groups)
     q = torch.round(g / scales[..., None]).clamp(-7, 7).to(torch.int16).view(out_f, in_f) + 8  # codes 1..15
@@ -53,15 +61,17 @@ def quantize_int4(w: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, 
 
 def dequantize(weight: torch.Tensor, scales: torch.Tensor, bits: str, group_size: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The full-precision ``(out, in)`` weight that ``weight``/``scales`` encode."""
+    """The full-precision ``(out, in)`` weight that ``weight``/``scales`` encode.
+
+    The temporaries are bytes (the unpacked int4 codes) and the result is scaled in place, so
+    dequantising a large table costs little more than the table itself.
+    """
     if bits == "int8":
-        return (weight.to(dtype) * scales.to(dtype))
-    low = (weight & 0x0F).to(torch.int16) - 8
-    high = (weight >> 4).to(torch.int16) - 8
-    q = torch.stack([low, high], dim=-1).view(weight.shape[0], -1)  # (out, in)
-    out_f, in_f = q.shape
-    w = q.view(out_f, in_f // group_size, group_size).to(dtype) * scales.to(dtype)[..., None]
-    return w.view(out_f, in_f)
+        return weight.to(dtype).mul_(scales.to(dtype))
+    out_f = weight.shape[0]
+    q = torch.stack([weight & 0x0F, weight >> 4], dim=-1).view(out_f, -1)  # (out, in) uint8 codes 1..15
+    w = q.to(dtype).sub_(8).view(out_f, -1, group_size).mul_(scales.to(dtype)[..., None])
+    return w.view(out_f, -1)
 
 
 class _DequantMatmul(torch.autograd.Function):
@@ -120,8 +130,7 @@ def quantize_model(model: nn.Module, bits: Bits = "int4", group_size: int = 64,
                    targets: Optional[Iterable[str]] = None) -> list[str]:
     """Replace the ``nn.Linear`` children whose name is in ``targets`` (default: all) in place.
 
-    Returns the qualified names replaced. The embedding and the tied output projection are
-    left in full precision.
+    Returns the qualified names replaced. Embeddings are left alone (``quantize_embeddings``).
     """
     wanted = set(targets) if targets is not None else None
     replaced = []
@@ -132,6 +141,64 @@ def quantize_model(model: nn.Module, bits: Bits = "int4", group_size: int = 64,
                 replaced.append(f"{parent_name}.{name}" if parent_name else name)
     if not replaced:
         raise ConfigError(f"quantize_model: no nn.Linear named {sorted(wanted or [])} in the model")
+    return replaced
+
+
+class QuantEmbedding(nn.Module):
+    """A frozen ``nn.Embedding`` stored as int8 or packed int4 rows (see the module docstring).
+
+    The codes and scales are the buffers ``qweight`` and ``scales``: the attribute ``weight``
+    is taken by the dequantised table, which a tied output projection reads as
+    ``model.output_weight``.
+    """
+
+    def __init__(self, emb: nn.Embedding, bits: Bits = "int4", group_size: int = 64):
+        super().__init__()
+        if bits not in ("int8", "int4"):
+            raise ConfigError(f"quantisation bits: got {bits!r}, expected 'int8' or 'int4'")
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.bits, self.group_size = bits, group_size
+        q, s = quantize_int8(emb.weight) if bits == "int8" else quantize_int4(emb.weight, group_size)
+        self.register_buffer("qweight", q)  # (num_embeddings, dim) int8 or (num_embeddings, dim/2) uint8
+        self.register_buffer("scales", s)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.rows(0, self.num_embeddings)
+
+    def rows(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``start:end`` of the table, dequantised: ``(end - start, embedding_dim)``."""
+        return dequantize(self.qweight[start:end], self.scales[start:end], self.bits, self.group_size, dtype)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        flat = idx.reshape(-1)
+        out = dequantize(self.qweight[flat], self.scales[flat], self.bits, self.group_size, self.scales.dtype)
+        return out.view(*idx.shape, self.embedding_dim)
+
+    def to_embedding(self) -> nn.Embedding:
+        """A plain ``nn.Embedding`` holding the dequantised table."""
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, device=self.scales.device,
+                           dtype=self.scales.dtype)
+        with torch.no_grad():
+            emb.weight.copy_(self.weight)
+        return emb
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, " \
+               f"group_size={self.group_size if self.bits == 'int4' else None}"
+
+
+def quantize_embeddings(model: nn.Module, bits: Bits = "int4", group_size: int = 64) -> list[str]:
+    """Replace every ``nn.Embedding`` child by a ``QuantEmbedding``, in place; returns their names.
+
+    With tied embeddings this also quantises the output projection, which is the same table.
+    """
+    replaced = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Embedding):
+                setattr(parent, name, QuantEmbedding(child, bits, group_size))
+                replaced.append(f"{parent_name}.{name}" if parent_name else name)
     return replaced
 
 

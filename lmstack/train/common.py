@@ -24,7 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmstack.errors import LMStackError
+from lmstack.quant.linear import QuantEmbedding
 from lmstack.train.config import LoopConfig
+from lmstack.train.loss import linear_cross_entropy
 
 IGNORE = -100
 
@@ -65,23 +67,31 @@ def make_optimizer(model: nn.Module, cfg: LoopConfig) -> torch.optim.AdamW:
 
 
 def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                   selective: bool = True, **forward_kw) -> tuple[torch.Tensor, int]:
+                   selective: bool = True, loss_chunk: int = 4096, **forward_kw) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropies over targets != IGNORE, and their count.
 
     ``selective`` computes logits only at positions that carry a target: with an
     assistant-only mask most of the (B, T, vocab) projection and softmax is skipped (FSDP
     needs the projection inside the wrapped forward, so it passes ``selective=False``).
-    The softmax runs in fp32.
+    There, ``loss_chunk > 0`` fuses the projection and the loss over vocabulary chunks
+    (``lmstack.train.loss``) so the (N, vocab) logits never exist, and a quantised tied
+    embedding is read chunk by chunk instead of dequantised whole; ``loss_chunk=0`` projects
+    in one matmul. The softmax runs in fp32.
     """
     keep = targets != IGNORE
     n = int(keep.sum())
-    if selective:
-        hidden = model(inputs, return_hidden=True, **forward_kw)  # (B, T, C)
-        core = model.module if hasattr(model, "module") else model
-        h = hidden[keep] if n < keep.numel() else hidden.flatten(0, 1)  # (N, C)
-        logits = F.linear(h, core.output_weight)  # (N, vocab)
-    else:
+    if not selective:
         logits = model(inputs, **forward_kw)[keep]  # (N, vocab)
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), n
+    hidden = model(inputs, return_hidden=True, **forward_kw)  # (B, T, C)
+    core = model.module if hasattr(model, "module") else model
+    h = hidden[keep] if n < keep.numel() else hidden.flatten(0, 1)  # (N, C)
+    table = core.tok_emb if core.config.tie_embeddings else None
+    if loss_chunk > 0 and isinstance(table, QuantEmbedding):
+        return linear_cross_entropy(h, None, targets[keep], loss_chunk, table.rows, table.num_embeddings), n
+    if loss_chunk > 0:
+        return linear_cross_entropy(h, core.output_weight, targets[keep], loss_chunk), n
+    logits = F.linear(h, core.output_weight)  # (N, vocab)
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), n
 
 

@@ -20,7 +20,9 @@ class LoopConfig:
     dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "autocast compute dtype"})
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch per process"})
     grad_accum: int = field(default=0, metadata={"help": "micro-batches per step; 0 = from tokens_per_step"})
-    tokens_per_step: int = field(default=0, metadata={"help": "target tokens per optimizer step (all processes)"})
+    tokens_per_step: int = field(default=0, metadata={
+        "help": "target tokens per optimizer step, all processes (pretrain: an exact multiple of batch_size x "
+                "processes x seq_len; sft: micro-batches are added until the step holds at least this many)"})
     max_steps: int = 100
     lr: float = 3e-4
     min_lr: float = 3e-5
@@ -32,6 +34,9 @@ class LoopConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
+    loss_chunk: int = field(default=4096, metadata={
+        "help": "vocabulary rows per chunk of the fused output projection + loss (the tokens x vocab logits "
+                "never exist; costs one more matmul in backward); 0 = one unfused projection"})
     compile: bool = False
     eval_interval: int = 50
     eval_batches: int = 8
@@ -48,6 +53,12 @@ class LoopConfig:
         for name in ("batch_size", "max_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{type(self).__name__}.{name}: got {getattr(self, name)}, expected > 0")
+        for name in ("grad_accum", "tokens_per_step", "loss_chunk"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{type(self).__name__}.{name}: got {getattr(self, name)}, expected >= 0")
+        if self.grad_accum and self.tokens_per_step:
+            raise ConfigError(f"{type(self).__name__}: got grad_accum={self.grad_accum} and tokens_per_step="
+                              f"{self.tokens_per_step}, expected only one of them (the other 0)")
         if self.min_lr > self.lr:
             raise ConfigError(f"{type(self).__name__}.min_lr: got {self.min_lr}, expected <= lr ({self.lr})")
 

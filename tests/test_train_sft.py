@@ -1,6 +1,8 @@
 """SFT: assistant-only masks, packing, golden losses, resume, the shipped instruction set."""
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -152,6 +154,21 @@ def test_grad_accum_and_tokens_per_step_together_is_an_error(tmp_path):
 
     with pytest.raises(ConfigError, match="only one of them"):
         sft(_cfg(tmp_path, _write(tmp_path), grad_accum=2, tokens_per_step=100))
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(tmp_path):
+    if not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "clang++", "c++")):
+        pytest.skip("torch.compile on CPU builds its generated kernels with a C++ compiler; found none "
+                    "(set CXX or install g++/clang++)")
+    from torch._dynamo.utils import counters
+
+    data = _write(tmp_path)
+    eager = sft(_cfg(tmp_path / "eager", data, max_steps=3))
+    counters.clear()
+    compiled = sft(_cfg(tmp_path / "compiled", data, max_steps=3, compile=True))
+    assert counters["stats"]["unique_graphs"] > 0  # the steps really ran through compiled graphs
+    assert compiled["losses"] == pytest.approx(eager["losses"], abs=1e-5)
 
 
 @pytest.mark.slow

@@ -112,6 +112,8 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
     if state is not None:
         load_optimizer_state(model, opt, train_state["optimizer"], dist_)
         set_rng_state(state["rng"], train_state["rng"])
+    if cfg.compile:  # chat batches vary in length: expect a recompile for the first few shapes
+        model = torch.compile(model)
     log = MetricsLog(run, enabled=dist_.main, resume_step=step if resume else None)
     if before is not None:
         log.log({"step": 0, "measure_before": before})

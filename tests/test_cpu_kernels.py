@@ -152,8 +152,10 @@ def test_switched_off_by_environment(tmp_path):
 def test_builds_into_an_empty_cache_and_reuses_it(tmp_path):
     code = "from lmstack.model import cpu_kernels as c; print(c.available())"
     env = {**os.environ, "LMSTACK_CACHE": str(tmp_path)}
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "small_linear-0123456789abcdef.so").write_bytes(b"an older build")
     for _ in range(2):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
         assert out.stdout.strip() == "True", out.stderr
     built = list((tmp_path / "kernels").iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"  # one library, no leftover temp dirs
+    assert len(built) == 1 and built[0].suffix == ".so"  # one library: no older build, no temp dirs

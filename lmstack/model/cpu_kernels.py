@@ -95,6 +95,9 @@ def load() -> Optional[ctypes.CDLL]:
         so = d / f"small_linear-{key}.so"
         if not so.exists():
             _compile(cc, so)
+            for old in d.glob("small_linear-*.so"):  # builds of earlier sources or compilers
+                if old != so:
+                    old.unlink(missing_ok=True)  # a process that has one loaded keeps its mapping
         lib = ctypes.CDLL(str(so))
         p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         sigs = {"lm_small_linear": [c_int, p, p, p, p, i64, i64, i64, c_int],

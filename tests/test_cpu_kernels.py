@@ -95,17 +95,53 @@ def test_rms_norm_matches_the_reference_formula(calls, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_model_decodes_the_same_tokens_with_and_without_kernels(monkeypatch, calls, dtype):
+@pytest.mark.parametrize("prompts,kernels", [
+    # rows of equal length: every kernel, attention included
+    ([[5, 6, 7, 8], [9, 10, 11, 12]], {"linear", "group", "rmsnorm", "rope", "attention"}),
+    # ragged rows need a key mask: attention stays with torch
+    ([[5, 6, 7, 8], [9, 10]], {"linear", "group", "rmsnorm", "rope"}),
+])
+def test_model_decodes_the_same_tokens_with_and_without_kernels(monkeypatch, calls, dtype, prompts, kernels):
     from lmstack import LLM
     from lmstack.infer import SamplingParams, generate_ids
 
     llm = LLM.load("tiny-llama", dtype=dtype)
-    prompts = [[5, 6, 7, 8], [9, 10]]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     with_kernels = generate_ids(llm.model, prompts, params)
-    assert {name for name, _ in calls} == {"linear", "group", "rmsnorm"}  # o/down/lm_head, q/k/v + gate/up, norms
+    assert {name for name, _ in calls} == kernels
     monkeypatch.setattr(cpu_kernels, "_lib", False)  # switched off: every call takes torch's path
     assert generate_ids(llm.model, prompts, params) == with_kernels
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("G,R", [(3, 3), (2, 1)])
+def test_decode_attention_matches_sdpa_on_cache_views(calls, dtype, tol, G, R):
+    g = torch.Generator().manual_seed(G * 10 + R)
+    kc, vc = (torch.randn(2, G, 50, 16, generator=g).to(dtype) for _ in range(2))  # cache buffers
+    k, v = kc[:, :, :37], vc[:, :, :37]  # the visible keys: strided views
+    q = torch.randn(2, G, R, 16, generator=g).to(dtype)
+    y = cpu_kernels.decode_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+    assert calls == {("attention", dtype): 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_in_place_equals_the_model_formula(calls, dtype):
+    from lmstack.model.model import apply_rope, rope_tables
+
+    cos, sin = rope_tables(32, 64, 10000.0)
+    pos = torch.tensor([[7], [40]])
+    c, s = cos[pos][:, None].to(dtype), sin[pos][:, None].to(dtype)  # (B, 1, 1, D), as the model gathers them
+    q = torch.randn(2, 9, 1, 32).to(dtype)
+    k = torch.randn(2, 3, 1, 32).to(dtype)
+    want_q, want_k = apply_rope(q, c, s), apply_rope(k, c, s)
+    assert cpu_kernels.rope_(c, s, q, k)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)  # same roundings as torch's ops
+    assert calls == {("rope", dtype): 2}
+    bad = torch.randn(2, 3, 2, 32).to(dtype)  # two positions per row: not a decode step
+    before = q.clone()
+    assert not cpu_kernels.rope_(c, s, q, bad) and torch.equal(q, before)  # all or nothing
 
 
 def test_gradients_and_large_batches_use_torch(calls):

@@ -9,7 +9,9 @@ inference-time calls with at most ``MAX_ROWS`` rows go to a small C kernel
 * ``linear``: one weight matrix (``F.linear``);
 * ``linear_group``: several matrices over the same input in one threaded pass (q/k/v);
 * ``swiglu``: ``silu(x W_gate^T) * (x W_up^T)`` in one pass over both matrices;
-* ``rms_norm``: RMSNorm of a few rows (torch's is a chain of six small ops).
+* ``rms_norm``: RMSNorm of a few rows (torch's is a chain of six small ops);
+* ``rope_`` and ``decode_attention``: rotary positions and attention for one new token per
+  sequence, where torch spends more time dispatching than computing.
 
 The group and fused entry points return ``None`` where the kernel does not apply, and the
 caller runs its ordinary torch code.
@@ -102,11 +104,15 @@ def load() -> Optional[ctypes.CDLL]:
         p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         sigs = {"lm_small_linear": [c_int, p, p, p, p, i64, i64, i64, c_int],
                 "lm_small_linear_group": [c_int, p, c_int, p, p, p, p, i64, i64, c_int, c_int],
-                "lm_rmsnorm": [c_int, p, p, p, i64, i64, ctypes.c_float]}
+                "lm_rmsnorm": [c_int, p, p, p, i64, i64, ctypes.c_float],
+                "lm_rope": [c_int, p, p, p, i64, i64, i64],
+                "lm_decode_attention": [c_int, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64,
+                                        ctypes.c_float, c_int]}
         for name, argtypes in sigs.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = ctypes.c_int, argtypes
-        _FN.update(linear=lib.lm_small_linear, group=lib.lm_small_linear_group, rmsnorm=lib.lm_rmsnorm)
+        _FN.update(linear=lib.lm_small_linear, group=lib.lm_small_linear_group, rmsnorm=lib.lm_rmsnorm,
+                   rope=lib.lm_rope, attention=lib.lm_decode_attention)
     except Exception as e:  # never fatal: the torch path is always there
         log.warning("CPU decode kernel unavailable (%s); using torch's linear", str(e)[:300])
         return None
@@ -121,10 +127,11 @@ def available() -> bool:
 _BF16 = {torch.float32: 0, torch.bfloat16: 1}
 
 
-def _applies(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+def _applies(x: torch.Tensor, *params: Optional[torch.Tensor], strided: bool = False) -> bool:
     """Whether the kernel can take ``x`` (a few rows) and ``params`` (weights, biases, None):
-    CPU, fp32 or bf16 throughout, contiguous parameters, plain tensors, no gradient needed.
-    Called ~200 times per decoded token, so the cheap checks come first."""
+    CPU, fp32 or bf16 throughout, contiguous parameters (unless the kernel takes their
+    ``strided`` layout), plain tensors, no gradient needed. Called ~300 times per decoded
+    token, so the cheap checks come first."""
     if torch.compiler.is_compiling():  # traced code keeps torch's ops (True while dynamo traces)
         return False
     if _lib is None:
@@ -138,7 +145,8 @@ def _applies(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     for t in params:
         if t is None:
             continue
-        if t.dtype != dt or not t.is_contiguous() or (type(t) is not torch.nn.Parameter and type(t) is not torch.Tensor):
+        if t.dtype != dt or not (strided or t.is_contiguous()) or (type(t) is not torch.nn.Parameter
+                                                                   and type(t) is not torch.Tensor):
             return False
         grad = grad or (torch.is_grad_enabled() and t.requires_grad)
     return not grad
@@ -214,6 +222,41 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torc
     y = torch.empty_like(x)
     _FN["rmsnorm"](_BF16[x.dtype], x.data_ptr(), weight.data_ptr(), y.data_ptr(), M, K, eps)
     return y
+
+
+def rope_(cos: torch.Tensor, sin: torch.Tensor, *xs: torch.Tensor) -> bool:
+    """Apply rotary positions in place to each of ``xs`` (B, H, 1, D) for one decode step
+    (``cos`` and the signed ``sin`` of ``model.rope_tables`` gathered to (B, 1, 1, D)).
+    All of ``xs`` are checked first: either every one is rotated (True) or none is (False)."""
+    for x in xs:
+        if x.dim() != 4 or x.shape[2] != 1 or not x.is_contiguous():
+            return False
+        B, _, _, D = x.shape
+        if cos.shape != (B, 1, 1, D) or sin.shape != (B, 1, 1, D) or not _applies(x, cos, sin):
+            return False
+        if D % 2 or D > 1024:
+            return False
+    for x in xs:
+        B, H, _, D = x.shape
+        _FN["rope"](_BF16[x.dtype], x.data_ptr(), cos.data_ptr(), sin.data_ptr(), B, H, D)
+    return True
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+    """Softmax attention of one query per row over all ``S`` keys (no mask): ``q`` (B, G, R, D)
+    with R query heads sharing each of the G kv heads, ``k`` and ``v`` (B, G, S, D) views of
+    the cache. Returns (B, G, R, D), or ``None`` where the kernel does not apply."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.stride() != v.stride() or k.stride(3) != 1:
+        return None
+    B, G, R, D = q.shape
+    if k.shape[0] != B or k.shape[1] != G or k.shape[3] != D or not _applies(q, k, v, strided=True):
+        return None
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    sb, sg, ss, _ = k.stride()
+    rc = _FN["attention"](_BF16[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                          B, G, R, k.shape[2], D, sb, sg, ss, D ** -0.5, torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 class Linear(torch.nn.Linear):

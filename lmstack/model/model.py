@@ -103,7 +103,7 @@ def project_qkv(attn: nn.Module, x: torch.Tensor, rope) -> tuple[torch.Tensor, t
     q = q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)
     k = k.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
     v = v.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
-    if rope is not None:
+    if rope is not None and not (T == 1 and cpu_kernels.rope_(*rope, q, k)):  # in place, both or neither
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     return q, k, v
 
@@ -139,6 +139,10 @@ class Attention(nn.Module):
                 mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.sliding_window)
                 causal = False
         rep = self.n_head // self.n_kv_head
+        if T == 1 and mask is None:  # decoding on the CPU, every row seeing all its keys
+            y = cpu_kernels.decode_attention(q.view(B, self.n_kv_head, rep, self.head_dim), k, v)
+            if y is not None:
+                return self.o_proj(y.view(B, T, self.n_head * self.head_dim))
         if rep > 1 and T == 1:
             # One query per row: fold the query heads of a kv group into that group's "queries"
             # (B, nkv, rep, hd), so k/v are used in place, with no copy and no GQA kernel.

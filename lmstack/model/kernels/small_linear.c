@@ -266,3 +266,99 @@ int lm_rmsnorm(int bf16, const void *x, const void *w, void *y, int64_t M, int64
     }
     return 0;
 }
+
+/* Rotary positions, in place, on the q and k of one decode step: x (B, H, D) rows of head
+ * size D with the rotate-half layout, cos/sin (B, D) per row, sin signed as in the model's
+ * tables (first half negated): x[j] <- x[j] cos[j] + x[(j + D/2) % D] sin[j]. In bf16 each
+ * product and the sum are rounded as torch's bf16 ops round them. */
+int lm_rope(int bf16, void *x, const void *cos, const void *sin, int64_t B, int64_t H, int64_t D) {
+    const int64_t half = D / 2;
+    float row[1024];
+    if (D > 1024 || D % 2) return 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t o = (b * H + h) * D;
+            if (bf16) {
+                uint16_t *xr = (uint16_t *)x + o;
+                const uint16_t *c = (const uint16_t *)cos + b * D, *s = (const uint16_t *)sin + b * D;
+                for (int64_t j = 0; j < D; j++) row[j] = bf16_to_f32(xr[j]);
+                for (int64_t j = 0; j < D; j++) {
+                    const float a = bf16_to_f32(f32_to_bf16(row[j] * bf16_to_f32(c[j])));
+                    const float r = bf16_to_f32(f32_to_bf16(row[(j + half) % D] * bf16_to_f32(s[j])));
+                    xr[j] = f32_to_bf16(a + r);
+                }
+            } else {
+                float *xr = (float *)x + o;
+                const float *c = (const float *)cos + b * D, *s = (const float *)sin + b * D;
+                memcpy(row, xr, sizeof(float) * (size_t)D);
+                for (int64_t j = 0; j < D; j++) xr[j] = row[j] * c[j] + row[(j + half) % D] * s[j];
+            }
+        }
+    return 0;
+}
+
+/* Attention of one query per sequence over its cached keys (a decode step, every row seeing
+ * the same S keys): q (B, G, R, D) contiguous, R query heads per kv head; k and v (B, G, S, D)
+ * with element strides (sb, sg, ss) and unit stride along D; out (B, G, R, D). Softmax in
+ * fp32; bf16 inputs are widened and the output rounded once. */
+int lm_decode_attention(int bf16, const void *q, const void *k, const void *v, void *out,
+                        int64_t B, int64_t G, int64_t R, int64_t S, int64_t D,
+                        int64_t sb, int64_t sg, int64_t ss, float scale, int nthreads) {
+    if (D > 1024) return 2;
+    const int64_t n = B * G * R;
+    int nt = (n * S * D < ((int64_t)1 << 18)) ? 1 : (nthreads < 1 ? 1 : nthreads);
+    int fail = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(| : fail)
+#endif
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t b = i / (G * R), g = (i / R) % G;
+        const int64_t kv = b * sb + g * sg;
+        float qf[1024], acc[1024];
+        float *p = (float *)malloc(sizeof(float) * (size_t)S);
+        if (!p) {
+            fail = 1;
+            continue;
+        }
+        for (int64_t d = 0; d < D; d++) {
+            qf[d] = bf16 ? bf16_to_f32(((const uint16_t *)q)[i * D + d]) : ((const float *)q)[i * D + d];
+            acc[d] = 0.0f;
+        }
+        float mx = -INFINITY;
+        for (int64_t s = 0; s < S; s++) {
+            float dot = 0.0f;
+            if (bf16) {
+                const uint16_t *kr = (const uint16_t *)k + kv + s * ss;
+                for (int64_t d = 0; d < D; d++) dot += qf[d] * bf16_to_f32(kr[d]);
+            } else {
+                const float *kr = (const float *)k + kv + s * ss;
+                for (int64_t d = 0; d < D; d++) dot += qf[d] * kr[d];
+            }
+            p[s] = dot * scale;
+            if (p[s] > mx) mx = p[s];
+        }
+        float sum = 0.0f;
+        for (int64_t s = 0; s < S; s++) {
+            p[s] = expf(p[s] - mx);
+            sum += p[s];
+        }
+        for (int64_t s = 0; s < S; s++) {
+            const float w = p[s] / sum;
+            if (bf16) {
+                const uint16_t *vr = (const uint16_t *)v + kv + s * ss;
+                for (int64_t d = 0; d < D; d++) acc[d] += w * bf16_to_f32(vr[d]);
+            } else {
+                const float *vr = (const float *)v + kv + s * ss;
+                for (int64_t d = 0; d < D; d++) acc[d] += w * vr[d];
+            }
+        }
+        for (int64_t d = 0; d < D; d++) {
+            if (bf16)
+                ((uint16_t *)out)[i * D + d] = f32_to_bf16(acc[d]);
+            else
+                ((float *)out)[i * D + d] = acc[d];
+        }
+        free(p);
+    }
+    return fail;
+}

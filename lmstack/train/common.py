@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from lmstack.errors import LMStackError
 from lmstack.quant.linear import QuantEmbedding
+from lmstack.train.checkpoint import latest_checkpoint, save_checkpoint
 from lmstack.train.config import LoopConfig
 from lmstack.train.loss import linear_cross_entropy
 
@@ -386,3 +387,56 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], train
 
 def is_finite(x: float) -> bool:
     return math.isfinite(x)
+
+
+# -- the parts of a training loop that pretrain and SFT share --------------------------------
+def prepare_training(model: nn.Module, cfg: LoopConfig, dist_: Dist, state: Optional[dict],
+                     train_state: Optional[dict]) -> tuple[nn.Module, nn.Module, bool, torch.optim.Optimizer, list]:
+    """Wrap ``model`` for DDP/FSDP, build its AdamW, restore the optimizer and RNG states of a
+    resumed run (``state``/``train_state`` of ``load_checkpoint_state``, or None), and compile
+    the model if ``cfg.compile``. Returns (model, unwrapped core, fsdp?, optimizer, trainable params)."""
+    model = wrap_model(model, dist_, cfg.distributed, cfg.device)
+    core = model.module if hasattr(model, "module") else model
+    fsdp = dist_.world > 1 and cfg.distributed == "fsdp"
+    opt = make_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if state is not None:
+        load_optimizer_state(model, opt, train_state["optimizer"], dist_)
+        set_rng_state(state["rng"], train_state["rng"])
+    if cfg.compile:  # input shapes that vary (SFT's chat batches) each compile once, at first sight
+        model = torch.compile(model)
+    return model, core, fsdp, opt, params
+
+
+def nonfinite_step(loss: float, gnorm: float, step: int, cfg: LoopConfig, ckpts: Path) -> Optional[str]:
+    """None when the step's loss and gradient norm are finite. Otherwise, with
+    ``on_nonfinite: stop``, raise naming the last good checkpoint; with ``skip``, return the
+    message to log for the skipped step."""
+    if is_finite(loss) and is_finite(gnorm):
+        return None
+    msg = f"non-finite loss ({loss}) or gradient norm ({gnorm}) at step {step + 1}"
+    if cfg.on_nonfinite == "stop":
+        raise LMStackError(f"{msg}; stopping (on_nonfinite: stop). Last good checkpoint: "
+                           f"{latest_checkpoint(ckpts)}. Lower lr, check the data, or set on_nonfinite: skip")
+    return msg
+
+
+def save_training_state(model: nn.Module, opt: torch.optim.Optimizer, dist_: Dist, ckpts: Path, step: int,
+                        trainable_only: bool, rec: dict, best: float, data_state: dict, meta: dict,
+                        keep_last: int) -> None:
+    """Checkpoint step ``step``: the (trainable) tensors, optimizer, RNG states, data position
+    and metrics of the step record ``rec``, plus ``meta`` (config, model shape). Collective:
+    every rank calls it; rank 0 writes."""
+    tensors = full_state_dict(model, dist_, trainable_only)
+    opt_sd = optimizer_state(model, opt, dist_)
+    if dist_.main:
+        js, rt = rng_state()
+        metrics = {"loss": rec["loss"], "best_val_loss": best}
+        if "val_loss" in rec:
+            metrics["val_loss"] = rec["val_loss"]
+        save_checkpoint(ckpts, step, tensors, {"optimizer": opt_sd, "rng": rt},
+                        {"data": data_state, "rng": js, "metrics": metrics, **meta}, keep_last=keep_last)
+    if dist_.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -22,12 +22,12 @@ import torch
 from lmstack.config import config_to_dict
 from lmstack.errors import ConfigError, LMStackError
 from lmstack.model import Transformer, preset
-from lmstack.train.checkpoint import ensure_fresh, latest_checkpoint, load_checkpoint_state, save_checkpoint
+from lmstack.train.checkpoint import ensure_fresh, latest_checkpoint, load_checkpoint_state
 from lmstack.train.config import PretrainConfig
 from lmstack.train.common import (EpochOrder, MetricsLog, all_reduce_sum, autocast, flops_per_token,
-                                  full_state_dict, grad_norm_and_clip, init_distributed, is_finite,
-                                  load_model_tensors, load_optimizer_state, lr_at, make_optimizer, optimizer_state,
-                                  peak_flops, rng_state, seed_all, set_rng_state, token_loss_sum, wrap_model)
+                                  full_state_dict, grad_norm_and_clip, init_distributed, load_model_tensors,
+                                  lr_at, nonfinite_step, peak_flops, prepare_training, save_training_state,
+                                  seed_all, token_loss_sum)
 
 
 def _windows(data, order_items: list[tuple[int, int]], seq_len: int, seed: int) -> torch.Tensor:
@@ -93,7 +93,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
                           f"batch_size x processes x seq_len = {rows * cfg.seq_len}")
     n_windows = (train.num_tokens - cfg.seq_len - 1) // cfg.seq_len
     order = EpochOrder(n_windows, cfg.seed)
-    step, state = 0, None
+    step, state, train_state = 0, None, None
     if resume:
         ck = latest_checkpoint(ckpts)
         if ck is None:
@@ -102,16 +102,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         load_model_tensors(model, tensors, trainable_only=False)
         step = state["step"]
         order = EpochOrder(n_windows, cfg.seed, epoch=state["data"]["epoch"], cursor=state["data"]["cursor"])
-    model = wrap_model(model, dist_, cfg.distributed, cfg.device)
-    core = model.module if hasattr(model, "module") else model
-    fsdp = dist_.world > 1 and cfg.distributed == "fsdp"
-    opt = make_optimizer(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if state is not None:
-        load_optimizer_state(model, opt, train_state["optimizer"], dist_)
-        set_rng_state(state["rng"], train_state["rng"])
-    if cfg.compile:
-        model = torch.compile(model)
+    model, core, fsdp, opt, params = prepare_training(model, cfg, dist_, state, train_state)
     log = MetricsLog(run, enabled=dist_.main, resume_step=step if resume else None)
     peak = cfg.peak_flops or peak_flops(cfg.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
     fpt = flops_per_token(mcfg, n_params, cfg.seq_len)
@@ -164,15 +155,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
             loss_sum += s.item()
         loss = all_reduce_sum(loss_sum, dist_) / tokens_per_step
         gnorm = grad_norm_and_clip(params, cfg.grad_clip)
-        if not (is_finite(loss) and is_finite(gnorm)):
-            msg = f"non-finite loss ({loss}) or gradient norm ({gnorm}) at step {step + 1}"
-            if cfg.on_nonfinite == "stop":
-                last = latest_checkpoint(ckpts)
-                raise LMStackError(f"{msg}; stopping (on_nonfinite: stop). Last good checkpoint: {last}. "
-                                   "Lower lr, check the data, or set on_nonfinite: skip")
+        skipped = nonfinite_step(loss, gnorm, step, cfg, ckpts)
+        if skipped:
             opt.zero_grad(set_to_none=True)
             step += 1
-            log.log({"step": step, "skipped": msg})
+            log.log({"step": step, "skipped": skipped})
             continue
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -193,21 +180,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{rec['mfu'] or 0:.1%}")
         if step % cfg.ckpt_interval == 0 or last_step:
-            tensors = full_state_dict(model, dist_, trainable_only=False)
-            opt_sd = optimizer_state(model, opt, dist_)
-            if dist_.main:
-                js, rt = rng_state()
-                metrics = {"loss": loss, "best_val_loss": best}
-                if "val_loss" in rec:
-                    metrics["val_loss"] = rec["val_loss"]
-                save_checkpoint(ckpts, step, tensors, {"optimizer": opt_sd, "rng": rt},
-                                {"data": order.state(), "rng": js, "metrics": metrics,
-                                 "config": config_to_dict(cfg), "model": mcfg.to_dict()},
-                                keep_last=cfg.keep_last)
-            if dist_.world > 1:
-                import torch.distributed as dist
-
-                dist.barrier()
+            save_training_state(model, opt, dist_, ckpts, step, False, rec, best, order.state(),
+                                {"config": config_to_dict(cfg), "model": mcfg.to_dict()}, cfg.keep_last)
     if bar is not None:
         bar.close()
     summary = {"run_dir": str(run), "steps": step, "losses": losses}

@@ -25,12 +25,12 @@ from lmstack.config import config_to_dict
 from lmstack.errors import LMStackError
 from lmstack.peft.core import apply_peft, describe_params, save_adapter
 from lmstack.train.chat_data import collate, encode_dataset, measure, read_jsonl
-from lmstack.train.checkpoint import ensure_fresh, latest_checkpoint, load_checkpoint_state, save_checkpoint
+from lmstack.train.checkpoint import ensure_fresh, latest_checkpoint, load_checkpoint_state
 from lmstack.train.config import SFTConfig
-from lmstack.train.common import (EpochOrder, MetricsLog, all_reduce_sum, autocast,
-                                  full_state_dict, grad_norm_and_clip, init_distributed, is_finite,
-                                  load_model_tensors, load_optimizer_state, lr_at, make_optimizer, optimizer_state,
-                                  rng_state, seed_all, set_rng_state, token_loss_sum, wrap_model)
+from lmstack.train.common import (EpochOrder, MetricsLog, all_reduce_sum, autocast, full_state_dict,
+                                  grad_norm_and_clip, init_distributed, load_model_tensors, lr_at,
+                                  nonfinite_step, prepare_training, save_training_state, seed_all,
+                                  token_loss_sum)
 
 
 def _load_base(cfg: SFTConfig):
@@ -91,7 +91,7 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
     if cfg.epochs > 0:
         cfg.max_steps = _steps_for_epochs(cfg.epochs, counts, cfg.seed, rows, accum, cfg.tokens_per_step)
     order = EpochOrder(len(train), cfg.seed)
-    step, state = 0, None
+    step, state, train_state = 0, None, None
     if resume:
         ck = latest_checkpoint(ckpts)
         if ck is None:
@@ -104,16 +104,7 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
     if cfg.measure and dist_.main and val_rows and not resume:
         before = measure(model, tok, val_rows, cfg.max_len, cfg.measure_max_new_tokens)
         print(f"before: held-out loss {before['loss']:.4f}, exact match {before['exact_match']:.3f}")
-    model = wrap_model(model, dist_, cfg.distributed, cfg.device)
-    core = model.module if hasattr(model, "module") else model
-    fsdp = dist_.world > 1 and cfg.distributed == "fsdp"
-    opt = make_optimizer(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if state is not None:
-        load_optimizer_state(model, opt, train_state["optimizer"], dist_)
-        set_rng_state(state["rng"], train_state["rng"])
-    if cfg.compile:  # chat batches vary in length: expect a recompile for the first few shapes
-        model = torch.compile(model)
+    model, core, fsdp, opt, params = prepare_training(model, cfg, dist_, state, train_state)
     log = MetricsLog(run, enabled=dist_.main, resume_step=step if resume else None)
     if before is not None:
         log.log({"step": 0, "measure_before": before})
@@ -161,14 +152,11 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
             loss_sum, n_tok = loss_sum + s.item(), n_tok + b["inputs"].numel()
         loss = all_reduce_sum(loss_sum, dist_) / n_step
         gnorm = grad_norm_and_clip(params, cfg.grad_clip)
-        if not (is_finite(loss) and is_finite(gnorm)):
-            msg = f"non-finite loss ({loss}) or gradient norm ({gnorm}) at step {step + 1}"
-            if cfg.on_nonfinite == "stop":
-                raise LMStackError(f"{msg}; stopping (on_nonfinite: stop). Last good checkpoint: "
-                                   f"{latest_checkpoint(ckpts)}. Lower lr, check the data, or set on_nonfinite: skip")
+        skipped = nonfinite_step(loss, gnorm, step, cfg, ckpts)
+        if skipped:
             opt.zero_grad(set_to_none=True)
             step += 1
-            log.log({"step": step, "skipped": msg})
+            log.log({"step": step, "skipped": skipped})
             continue
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -189,20 +177,8 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
         if step % cfg.ckpt_interval == 0 or last_step:
-            tensors = full_state_dict(model, dist_, trainable_only)
-            opt_sd = optimizer_state(model, opt, dist_)
-            if dist_.main:
-                js, rt = rng_state()
-                metrics = {"loss": loss, "best_val_loss": best}
-                if "val_loss" in rec:
-                    metrics["val_loss"] = rec["val_loss"]
-                save_checkpoint(ckpts, step, tensors, {"optimizer": opt_sd, "rng": rt},
-                                {"data": order.state(), "rng": js, "metrics": metrics,
-                                 "config": config_to_dict(cfg)}, keep_last=cfg.keep_last)
-            if dist_.world > 1:
-                import torch.distributed as dist
-
-                dist.barrier()
+            save_training_state(model, opt, dist_, ckpts, step, trainable_only, rec, best, order.state(),
+                                {"config": config_to_dict(cfg)}, cfg.keep_last)
     if bar is not None:
         bar.close()
     summary: dict[str, Any] = {"run_dir": str(run), "steps": step, "losses": losses}

@@ -21,7 +21,21 @@ from typing import Optional, Sequence
 from lmstack.errors import ConfigError, UnsupportedError
 
 
-class LLMModel:
+class _PerItem:
+    """The per-item forms the first harness used (and scripted test models still implement),
+    on top of a model's batched ``generate_batch`` and ``loglikelihood_batch``."""
+
+    def generate(self, prompt: str, max_new_tokens: int, temperature: float) -> str:
+        return self.generate_batch([prompt], max_new_tokens, temperature)[0]
+
+    def chat(self, prompt: str, max_new_tokens: int, temperature: float) -> str:
+        return self.generate_batch([prompt], max_new_tokens, temperature, chat=True)[0]
+
+    def loglikelihood(self, context: str, continuation: str) -> float:
+        return self.loglikelihood_batch([(context, continuation)])[0]
+
+
+class LLMModel(_PerItem):
     """Adapts ``lmstack.infer.LLM`` to the harness (batched generation and scoring)."""
 
     def __init__(self, llm, name: Optional[str] = None, adapter: Optional[str] = None, batch_size: int = 8) -> None:
@@ -84,20 +98,10 @@ class LLMModel:
             out += texts
         return out
 
-    # The per-item forms the first harness used (and scripted test models still implement).
-    def generate(self, prompt: str, max_new_tokens: int, temperature: float) -> str:
-        return self.generate_batch([prompt], max_new_tokens, temperature)[0]
-
-    def chat(self, prompt: str, max_new_tokens: int, temperature: float) -> str:
-        return self.generate_batch([prompt], max_new_tokens, temperature, chat=True)[0]
-
     def loglikelihood_batch(self, requests: Sequence[tuple[str, str]]) -> list[float]:
         from lmstack.eval.lm_metrics import loglikelihoods
 
         return [s.logprob for s in loglikelihoods(self.llm, requests, max(self.batch_size, 16))]
-
-    def loglikelihood(self, context: str, continuation: str) -> float:
-        return self.loglikelihood_batch([(context, continuation)])[0]
 
     def option_loglikelihoods(self, prompts: Sequence[str], options: Sequence[str],
                               chat: bool = True) -> list[list[float]]:
@@ -152,7 +156,7 @@ class LLMModel:
         return p.tolist()
 
 
-class OpenAIModel:
+class OpenAIModel(_PerItem):
     """An OpenAI-compatible endpoint (``base_url``, ``api_key``, ``model``) through the ``openai``
     package. Log-likelihoods need the legacy completions API with ``echo`` and ``logprobs``;
     endpoints without it raise ``UnsupportedError``."""
@@ -185,12 +189,6 @@ class OpenAIModel:
                 out.append(r.choices[0].text)
         return out
 
-    def generate(self, prompt: str, max_new_tokens: int, temperature: float) -> str:
-        return self.generate_batch([prompt], max_new_tokens, temperature)[0]
-
-    def chat(self, prompt: str, max_new_tokens: int, temperature: float) -> str:
-        return self.generate_batch([prompt], max_new_tokens, temperature, chat=True)[0]
-
     def loglikelihood_batch(self, requests: Sequence[tuple[str, str]]) -> list[float]:
         out = []
         for ctx, cont in requests:
@@ -203,9 +201,6 @@ class OpenAIModel:
             total = sum(v for off, v in zip(lp.text_offset, lp.token_logprobs) if off >= len(ctx) and v is not None)
             out.append(float(total))
         return out
-
-    def loglikelihood(self, context: str, continuation: str) -> float:
-        return self.loglikelihood_batch([(context, continuation)])[0]
 
     def option_probs(self, prompt: str, options: Sequence[str], chat: bool = True) -> Optional[list[float]]:
         r = self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": prompt}],

@@ -150,3 +150,26 @@ def test_sampling_params_validation():
                 dict(max_new_tokens=-1), dict(repetition_penalty=0), dict(stop=[""])):
         with pytest.raises(ConfigError):
             SamplingParams(**bad)
+
+
+def test_checkpoint_that_does_not_fit_the_config_is_named(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from lmstack.model.checkpoint import load_checkpoint, save_native
+
+    save_native(Transformer(preset("tiny-llama")), tmp_path / "m")
+    sd = load_file(str(tmp_path / "m" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "m" / "lmstack.json").read_text())
+    cfg["model"]["n_embd"] = 128  # the tensors are 64 wide
+    (tmp_path / "m" / "lmstack.json").write_text(json.dumps(cfg))
+    with pytest.raises(LMStackError, match=r"checkpoint tensor '[\w.]+' has shape \(\d+, 64\); the model's config "
+                                           r"expects \(\d+, 128\)"):
+        load_checkpoint(tmp_path / "m")
+    cfg["model"]["n_embd"] = 64
+    (tmp_path / "m" / "lmstack.json").write_text(json.dumps(cfg))
+    sd["extra.weight"] = sd.pop("norm.weight")
+    save_file(sd, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(LMStackError, match=r"missing \['norm.weight'\], unexpected \['extra.weight'\]"):
+        load_checkpoint(tmp_path / "m")

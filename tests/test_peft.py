@@ -231,6 +231,76 @@ def test_qlora_backward_matches_dequantised_reference():
     torch.testing.assert_close(x.grad, x2.grad)
 
 
+def _saved_base(tmp_path, fmt):
+    """A tiny base on disk: native, or Hugging Face (llama keys; GPT-2's fused, transposed qkv)."""
+    from lmstack.model.checkpoint import export_hf, save_native
+
+    base = _model("tiny-gpt2" if fmt == "hf-gpt2" else "tiny-llama")
+    for p in base.parameters():  # every weight non-trivial (norms, biases)
+        torch.nn.init.normal_(p, std=0.05)
+    (save_native if fmt == "native" else export_hf)(base, tmp_path / fmt)
+    return tmp_path / fmt
+
+
+@pytest.mark.parametrize("fmt", ["native", "hf-llama", "hf-gpt2"])
+@pytest.mark.parametrize("bits", ["int4", "int8"])
+def test_quantised_while_loading_equals_quantised_after_loading(tmp_path, fmt, bits):
+    """``base_loader`` quantises each weight as it is read: the same codes, scales and logits as
+    quantising the fully loaded model, and ``apply_peft`` then takes the base as it is."""
+    from lmstack.model.checkpoint import load_checkpoint
+    from lmstack.peft import base_loader
+
+    folder = _saved_base(tmp_path, fmt)
+    cfg = PEFTConfig(method="qlora", r=4, alpha=8, quant_bits=bits, group_size=32)
+    torch.manual_seed(5)
+    streamed = apply_peft(load_checkpoint(folder, convert=base_loader(cfg))[0], cfg)
+    torch.manual_seed(5)
+    after = apply_peft(load_checkpoint(folder)[0], cfg)
+    assert isinstance(streamed.tok_emb, QuantEmbedding)
+    a, b = streamed.state_dict(), after.state_dict()
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    ids = _ids(B=2, T=9)
+    torch.testing.assert_close(streamed(ids), after(ids), rtol=0, atol=0)
+
+
+def test_quantised_load_frees_each_full_precision_weight_before_reading_the_next(tmp_path):
+    import weakref
+
+    from lmstack.model.checkpoint import load_checkpoint
+    from lmstack.quant import quantizing_loader
+
+    inner = quantizing_loader("int4", 32, embeddings=True)
+    taken: list[weakref.ref] = []
+
+    def convert(model, key, t):
+        import gc
+
+        gc.collect()
+        assert all(r() is None for r in taken), f"a quantised weight is still alive when {key} is read"
+        done = inner(model, key, t)
+        if done:
+            taken.append(weakref.ref(t))
+        return done
+
+    model = load_checkpoint(_saved_base(tmp_path, "native"), convert=convert)[0]
+    assert len(taken) == 1 + 7 * model.config.n_layer  # the embedding and every linear layer
+
+
+def test_quantised_base_with_other_settings_is_an_error(tmp_path):
+    from lmstack.errors import ConfigError
+    from lmstack.model.checkpoint import load_checkpoint
+    from lmstack.peft import base_loader
+
+    folder = _saved_base(tmp_path, "native")
+    model = load_checkpoint(folder, convert=base_loader(PEFTConfig(method="qlora", quant_bits="int4",
+                                                                   group_size=32)))[0]
+    with pytest.raises(ConfigError, match="already quantised as int4 .*asked for int8"):
+        apply_peft(model, PEFTConfig(method="qlora", quant_bits="int8"))
+    with pytest.raises(ConfigError, match="not a multiple of group_size=48"):
+        load_checkpoint(folder, convert=base_loader(PEFTConfig(method="qlora", group_size=48)))
+
+
 def test_prefix_tuning_keeps_keys_and_caches():
     from lmstack.infer.generate import stream_generate
     from lmstack.infer.sampling import SamplingParams

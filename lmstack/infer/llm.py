@@ -65,11 +65,13 @@ class LLM:
     # -- loading / saving --------------------------------------------------------------------
     @classmethod
     def load(cls, name_or_path: Optional[Union[str, os.PathLike]] = None, dtype=None,
-             device: str = "cpu", seed: int = 0) -> "LLM":
+             device: str = "cpu", seed: int = 0, convert=None) -> "LLM":
         """A preset name, a native folder, a Hugging Face folder or a ``.gguf`` file.
 
         No argument loads the embedded default model. Presets get random weights (seeded)
         and a byte-level tokenizer when their vocabulary has room for the 256 bytes.
+        ``convert`` sees each checkpoint tensor as it is read (``load_checkpoint``), e.g.
+        ``lmstack.quant.quantizing_loader()`` for a base quantised while it loads; presets ignore it.
         """
         dt = resolve_dtype(dtype, device)
         if name_or_path is None:
@@ -84,7 +86,7 @@ class LLM:
 
                 tok = byte_level_tokenizer()
             return cls(model, tok, {"source": f"preset:{name_or_path}", "random_init_seed": seed})
-        model, tok, meta = load_checkpoint(name_or_path, dtype=dt, device=device)
+        model, tok, meta = load_checkpoint(name_or_path, dtype=dt, device=device, convert=convert)
         return cls(model, tok, meta)
 
     def save(self, path: Union[str, os.PathLike], format: str = "native", dtype=None) -> Path:

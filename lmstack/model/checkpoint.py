@@ -13,15 +13,17 @@ temporary folder that is renamed into place when complete.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
+import torch.nn as nn
 
 from lmstack.errors import LMStackError, UnsupportedError
 from lmstack.model.config import ModelConfig
@@ -245,6 +247,14 @@ def read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a folder: single ``model.safetensors`` or an indexed shard set (mmap)."""
     from safetensors.torch import load_file
 
+    sd: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(folder):
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a folder: ``model.safetensors``, an indexed shard set or any ``*.safetensors``."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -257,27 +267,75 @@ def read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
         bins = [f for f in found if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
         hint = " (pickle-based weights are never loaded; convert them to safetensors)" if bins else ""
         raise LMStackError(f"no *.safetensors weights in {folder}; found {found}{hint}")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(load_file(str(folder / f)))
-    return sd
+    return [folder / f for f in files]
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_", "kaiming_uniform_",
+                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Build modules without running ``torch.nn.init`` (a checkpoint supplies every tensor).
+
+    On the meta device the init is wasted work, and torch routes it through its reference
+    implementations, which import the whole compiler stack (~65 MiB of RSS, ~1 s).
+    """
+    saved = {n: getattr(nn.init, n) for n in _INIT_FUNCTIONS if hasattr(nn.init, n)}
+    for n in saved:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+Convert = Callable[[nn.Module, str, torch.Tensor], bool]
+"""``convert(model, key, tensor)`` sees each checkpoint tensor as it is read (native key, target
+dtype and device) and returns True when it took the tensor itself, for example by swapping the
+module that owns it for a quantised one (``lmstack.quant.quantizing_loader``)."""
 
 
 def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None,
-                device: str | torch.device = "cpu") -> Transformer:
+                device: str | torch.device = "cpu", convert: Optional[Convert] = None) -> Transformer:
     """Instantiate without a random init (meta device) and adopt the given tensors."""
-    with torch.device("meta"):
+    return build_model_from(cfg, sd.items(), dtype, device, convert)
+
+
+def build_model_from(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
+                     dtype: Optional[torch.dtype] = None, device: str | torch.device = "cpu",
+                     convert: Optional[Convert] = None) -> Transformer:
+    """Build the model one ``(native key, tensor)`` at a time, so a stream of tensors read one by
+    one is never all in memory at once. With ``convert``, the tensors it does not take are copied
+    into memory of their own, so no file mapping outlives the load."""
+    with torch.device("meta"), skip_init():
         model = Transformer(cfg)
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(sd), set(sd) - expected
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    seen, unexpected = set(), []
+    target = dtype or torch.float32  # fp16 compute is very slow on CPUs; bf16 stays bf16 only when asked for
+    for key, t in tensors:
+        if key not in expected or key in seen:
+            unexpected.append(key)
+            continue
+        if tuple(t.shape) != expected[key]:
+            raise LMStackError(f"checkpoint tensor {key!r} has shape {tuple(t.shape)}; the model's config "
+                               f"expects {expected[key]}")
+        seen.add(key)
+        src = t
+        t = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
+        if convert is not None:
+            if convert(model, key, t):
+                continue
+            if t is src:
+                t = t.clone()
+        _adopt(model, key, t)
+    missing = set(expected) - seen
     if missing or unexpected:
         raise LMStackError(
             f"checkpoint does not match the config: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    target = dtype or _default_dtype(next(iter(sd.values())).dtype)
-    sd = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in sd.items()}
-    model.load_state_dict(sd, assign=True, strict=True)
     if cfg.pos == "rope":
         from lmstack.model.model import rope_tables
 
@@ -286,12 +344,39 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: Optional[t
     return model.eval()
 
 
-def _default_dtype(stored: torch.dtype) -> torch.dtype:
-    # fp16 compute is very slow on CPUs; bf16 stays bf16 only when asked for.
-    return torch.float32
+def _adopt(model: nn.Module, key: str, t: torch.Tensor) -> None:
+    """Put ``t`` in place of the (meta) parameter or buffer ``key``, keeping its requires_grad."""
+    prefix, _, name = key.rpartition(".")
+    mod = model.get_submodule(prefix) if prefix else model
+    if name in mod._parameters:
+        mod._parameters[name] = nn.Parameter(t, requires_grad=mod._parameters[name].requires_grad)
+    elif name in mod._buffers:
+        mod._buffers[name] = t
+    else:
+        raise LMStackError(f"checkpoint tensor {key!r} has no parameter or buffer in the model")
 
 
-def load_hf(folder: str | os.PathLike, dtype: Optional[torch.dtype] = None, device="cpu"):
+def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, tensor)`` of safetensors files, one at a time, each read through a mapping of its own.
+
+    A single open file would keep every page read so far resident until the last of its tensors
+    is freed; reopening per tensor (cheap: the header is parsed again) lets each one go as soon
+    as the caller drops it, so converting a checkpoint costs about one tensor at a time.
+    """
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            keys = list(h.keys())
+        for k in keys:
+            with safe_open(str(f), framework="pt") as h:
+                t = h.get_tensor(k)
+            yield k, t
+            del t
+
+
+def load_hf(folder: str | os.PathLike, dtype: Optional[torch.dtype] = None, device="cpu",
+            convert: Optional[Convert] = None):
     folder = Path(folder)
     cfg_path = folder / "config.json"
     try:
@@ -299,8 +384,12 @@ def load_hf(folder: str | os.PathLike, dtype: Optional[torch.dtype] = None, devi
     except (OSError, json.JSONDecodeError) as e:
         raise LMStackError(f"cannot read Hugging Face config {cfg_path}: {e}") from None
     cfg = config_from_hf(hf)
-    sd = hf_to_native(read_safetensors_dir(folder), cfg)
-    model = build_model(cfg, sd, dtype, device)
+    if convert is None:
+        model = build_model(cfg, hf_to_native(read_safetensors_dir(folder), cfg), dtype, device)
+    else:  # every Hugging Face key converts on its own (renames; GPT-2's fused qkv splits in three)
+        stream = (kv for k, t in iter_safetensors(safetensors_files(folder))
+                  for kv in hf_to_native({k: t}, cfg).items())
+        model = build_model_from(cfg, stream, dtype, device, convert)
     return model, _load_tokenizer(folder), {"source": str(folder), "source_format": "huggingface"}
 
 
@@ -312,7 +401,8 @@ def _load_tokenizer(folder: Path):
     return Tokenizer.load(folder)
 
 
-def load_native(folder: str | os.PathLike, dtype: Optional[torch.dtype] = None, device="cpu"):
+def load_native(folder: str | os.PathLike, dtype: Optional[torch.dtype] = None, device="cpu",
+                convert: Optional[Convert] = None):
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -322,8 +412,11 @@ def load_native(folder: str | os.PathLike, dtype: Optional[torch.dtype] = None, 
             f"{folder / NATIVE_CONFIG}: format {meta_cfg.get('format')!r}, expected {NATIVE_FORMAT!r}"
         )
     cfg = ModelConfig.from_dict(meta_cfg["model"])
-    sd = load_file(str(folder / "model.safetensors"))
-    model = build_model(cfg, sd, dtype or getattr(torch, meta_cfg.get("dtype", "float32")), device)
+    dtype = dtype or getattr(torch, meta_cfg.get("dtype", "float32"))
+    if convert is None:  # one mapping of the whole file: pages are read when first used
+        model = build_model(cfg, load_file(str(folder / "model.safetensors")), dtype, device)
+    else:
+        model = build_model_from(cfg, iter_safetensors([folder / "model.safetensors"]), dtype, device, convert)
     meta_path = folder / "metadata.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return model, _load_tokenizer(folder), meta
@@ -420,8 +513,14 @@ def export_hf(model: Transformer, folder: str | os.PathLike, tokenizer=None,
 # -- one entry point ------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: Optional[torch.dtype] = None, device="cpu"):
-    """(model, tokenizer or None, metadata) from a native folder, an HF folder or a .gguf file."""
+def load_checkpoint(path: str | os.PathLike, dtype: Optional[torch.dtype] = None, device="cpu",
+                    convert: Optional[Convert] = None):
+    """(model, tokenizer or None, metadata) from a native folder, an HF folder or a .gguf file.
+
+    With ``convert`` (see ``Convert``) the checkpoint is read one tensor at a time and each goes
+    through it first: a QLoRA base is quantised as it loads and its full-precision weights are
+    never all in memory together.
+    """
     p = Path(path)
     if not p.exists():
         raise LMStackError(f"model not found: {p} (expected a preset name, a model folder or a .gguf file)")
@@ -429,20 +528,20 @@ def load_checkpoint(path: str | os.PathLike, dtype: Optional[torch.dtype] = None
         if p.suffix.lower() == ".gguf":
             from lmstack.model.gguf_loader import load_gguf
 
-            return load_gguf(p, dtype=dtype, device=device)
+            return load_gguf(p, dtype=dtype, device=device, convert=convert)
         raise UnsupportedError(
             f"{p.name}: unsupported model file; expected a .gguf file or a folder with "
             "config.json (Hugging Face) or lmstack.json (native)"
         )
     if (p / NATIVE_CONFIG).is_file():
-        return load_native(p, dtype, device)
+        return load_native(p, dtype, device, convert)
     if (p / "config.json").is_file():
-        return load_hf(p, dtype, device)
+        return load_hf(p, dtype, device, convert)
     ggufs = sorted(p.glob("*.gguf"))
     if len(ggufs) == 1:
         from lmstack.model.gguf_loader import load_gguf
 
-        return load_gguf(ggufs[0], dtype=dtype, device=device)
+        return load_gguf(ggufs[0], dtype=dtype, device=device, convert=convert)
     found = sorted(x.name for x in p.iterdir())[:8]
     raise UnsupportedError(
         f"{p}: not a model folder (found {found}); expected config.json (Hugging Face), "

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lmstack.errors import LMStackError, UnsupportedError
+from lmstack.errors import ConfigError, LMStackError, UnsupportedError
 from lmstack.model.config import ModelConfig
 
 SUPPORTED_GGUF_ARCH = ("llama", "qwen2", "gpt2")
@@ -133,15 +133,21 @@ def gguf_state_dict(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def load_gguf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None, device="cpu",
-              use_cache: bool = True):
-    """(model, tokenizer, metadata) from a GGUF file; converts once into the cache folder."""
+              use_cache: bool = True, convert=None):
+    """(model, tokenizer, metadata) from a GGUF file; converts once into the cache folder.
+
+    ``convert`` (see ``lmstack.model.checkpoint.Convert``) applies when the model is read back
+    from that folder, one tensor at a time; the first conversion holds the whole fp32 model once.
+    """
     from lmstack.model.checkpoint import NATIVE_CONFIG, build_model, load_native, save_native
 
     path = Path(path)
     cached = cache_dir() / "gguf" / f"{path.stem}-{_file_key(path)}"
     if use_cache and (cached / NATIVE_CONFIG).is_file():
         try:
-            return load_native(cached, dtype, device)
+            return load_native(cached, dtype, device, convert)
+        except ConfigError:  # the caller's settings (``convert``'s), not the cache entry
+            raise
         except Exception:  # a corrupt cache entry is rebuilt, never trusted
             pass
     import gguf
@@ -164,6 +170,12 @@ def load_gguf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None, devi
             save_native(model, cached, tokenizer=tokenizer, metadata=meta)
         except OSError:
             pass  # a read-only cache only costs speed
+        else:
+            if convert is not None:
+                del model, sd
+                return load_native(cached, dtype, device, convert)
+    if convert is not None:
+        return build_model(cfg, dict(model.state_dict()), dtype, device, convert), tokenizer, meta
     if dtype is not None and dtype != torch.float32 or str(device) != "cpu":
         model = model.to(device=device, dtype=dtype or torch.float32)
     return model, tokenizer, meta

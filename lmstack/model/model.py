@@ -20,6 +20,7 @@ q/k rows are permuted back on load (see ``gguf_loader``).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -65,8 +66,10 @@ def rope_tables(head_dim: int, n_pos: int, theta: float) -> tuple[torch.Tensor, 
     """cos and signed-sin tables ``(n_pos, head_dim)`` for rotate-half RoPE (Su et al. 2021,
     eq. 34). The first half of the sin table is negated, so ``apply_rope`` rotates with a
     ``roll`` instead of a slice, a negation and a concatenation (the same values, bit for bit)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    t = torch.arange(n_pos, dtype=torch.int64).float()
+    # Always computed on the CPU (the caller moves them): under a meta-device context this math
+    # would go through torch's reference implementations and import its compiler stack.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    t = torch.arange(n_pos, dtype=torch.int64, device="cpu").float()
     freqs = torch.outer(t, inv_freq)  # (n_pos, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)
     sin = emb.sin()
@@ -191,6 +194,20 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _checkpoint(fn, *args):
+    """Non-reentrant activation checkpointing (torch's), recomputing ``fn(*args)`` in backward.
+
+    Outside ``torch.compile`` this calls the function under torch's dynamo-disabling wrapper:
+    the wrapper's only job is to stop a compiler from tracing into it, and on first use it
+    imports the whole compiler stack (~70 MiB of RSS, over a second) into every eager run.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if "torch._dynamo" not in sys.modules:  # nothing is compiling: the wrapper has nothing to do
+        checkpoint = getattr(checkpoint, "__wrapped__", checkpoint)
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -204,14 +221,18 @@ class Transformer(nn.Module):
             self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            dev = self.tok_emb.weight.device
+            self.register_buffer("rope_cos", cos.to(dev), persistent=False)
+            self.register_buffer("rope_sin", sin.to(dev), persistent=False)
         self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random init: normal(0, init_std), zero biases; GPT-2's 1/sqrt(2 * n_layer) residual scaling."""
         self.apply(self._init_weights)
-        # GPT-2 style: scale the init of residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(p, mean=0.0, std=self.config.init_std / math.sqrt(2 * self.config.n_layer))
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
@@ -285,9 +306,7 @@ class Transformer(nn.Module):
         try:
             for block in self.blocks:
                 if self.gradient_checkpointing and self.training and cache is None:
-                    from torch.utils.checkpoint import checkpoint
-
-                    x = checkpoint(block, x, rope, None, mask, use_reentrant=False)
+                    x = _checkpoint(block, x, rope, None, mask)
                 else:
                     x = block(x, rope, cache, mask)
         except BaseException:

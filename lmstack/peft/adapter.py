@@ -27,13 +27,15 @@ class AdapterLinear(nn.Module):
         self.bias = base.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.adapter_down = nn.Linear(self.out_features, size, **kw)
-        self.adapter_up = nn.Linear(size, self.out_features, **kw)
+        # Drawn on the CPU, then moved: one seed gives the same adapter on every device.
+        self.adapter_down = nn.Linear(self.out_features, size, dtype=base.weight.dtype)
+        self.adapter_up = nn.Linear(size, self.out_features, dtype=base.weight.dtype)
         nn.init.normal_(self.adapter_down.weight, std=0.02)
         nn.init.zeros_(self.adapter_down.bias)
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)
+        self.adapter_down.to(base.weight.device)
+        self.adapter_up.to(base.weight.device)
         self.disabled = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

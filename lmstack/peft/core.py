@@ -72,6 +72,19 @@ def apply_peft(model: nn.Module, cfg: PEFTConfig) -> nn.Module:
     return model
 
 
+def base_loader(cfg: PEFTConfig):
+    """The ``convert`` to load a base for ``cfg`` with (``LLM.load(..., convert=...)``), or None.
+
+    For QLoRA it quantises each targeted weight as the checkpoint is read, so the full-precision
+    base is never in memory as a whole; ``apply_peft`` then finds those modules done.
+    """
+    if cfg.method != "qlora":
+        return None
+    from lmstack.quant.linear import quantizing_loader
+
+    return quantizing_loader(cfg.quant_bits, cfg.group_size, cfg.targets, embeddings=cfg.quant_embedding)
+
+
 def _own_memory(model: nn.Module) -> None:
     """Copy the remaining full-precision tensors into memory of their own.
 

@@ -44,9 +44,11 @@ class LoRALinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dtype))
+        # Drawn on the CPU, then moved: one seed gives the same adapter on every device.
+        a = torch.empty(r, self.in_features, dtype=dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.lora_A = nn.Parameter(a.to(dev))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.keep_base_copy = keep_base_copy
         self._base_copy: Optional[torch.Tensor] = None

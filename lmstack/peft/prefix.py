@@ -36,8 +36,9 @@ class PrefixAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         p = attn.o_proj.weight
         self.n_prefix = n_prefix
-        self.prefix_k = nn.Parameter(torch.randn(self.n_kv_head, n_prefix, self.head_dim, device=p.device,
-                                                 dtype=p.dtype) * 0.02)
+        # Drawn on the CPU, then moved: one seed gives the same prefix on every device.
+        self.prefix_k = nn.Parameter((torch.randn(self.n_kv_head, n_prefix, self.head_dim, dtype=p.dtype) * 0.02)
+                                     .to(p.device))
         self.prefix_v = nn.Parameter(torch.zeros(self.n_kv_head, n_prefix, self.head_dim, device=p.device,
                                                  dtype=p.dtype))
         self.disabled = False

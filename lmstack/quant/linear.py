@@ -27,7 +27,7 @@ activation quantisation, and training the quantised weight itself.
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, Optional
+from typing import Callable, Iterable, Iterator, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -37,11 +37,27 @@ from lmstack.errors import ConfigError
 Bits = Literal["int8", "int4"]
 
 
+# Rows are quantised in blocks of about this many values, so the float temporaries of a large
+# table (an embedding of 28M values is 113 MiB in fp32) stay a few MiB whatever its size.
+_BLOCK_VALUES = 1 << 20
+
+
+def _row_blocks(n_rows: int, row_len: int) -> Iterator[slice]:
+    step = max(1, _BLOCK_VALUES // max(1, row_len))
+    for i in range(0, n_rows, step):
+        yield slice(i, min(n_rows, i + step))
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-row absmax int8: returns ``(q int8 (out, in), scales (out, 1))``."""
-    w = w.detach().float()
-    scales = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scales).clamp(-127, 127).to(torch.int8)
+    out_f, in_f = w.shape
+    q = torch.empty(out_f, in_f, dtype=torch.int8, device=w.device)
+    scales = torch.empty(out_f, 1, dtype=torch.float32, device=w.device)
+    for rows in _row_blocks(out_f, in_f):
+        b = w[rows].detach().float()
+        s = b.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+        q[rows] = torch.round(b / s).clamp_(-127, 127)
+        scales[rows] = s
     return q, scales
 
 
@@ -52,10 +68,14 @@ def quantize_int4(w: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, 
         raise ConfigError(f"int4 quantisation: rows of {in_f} values (a layer's in_features or an embedding's "
                           f"width) are not a multiple of group_size={group_size} (expected an even group size "
                           "that divides every quantised row)")
-    g = w.detach().float().view(out_f, in_f // group_size, group_size)
-    scales = g.abs().amax(dim=2).clamp(min=1e-12) / 7.0  # (out, n_groups)
-    q = torch.round(g / scales[..., None]).clamp(-7, 7).to(torch.int16).view(out_f, in_f) + 8  # codes 1..15
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)  # (out, in/2)
+    packed = torch.empty(out_f, in_f // 2, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(out_f, in_f // group_size, dtype=torch.float32, device=w.device)
+    for rows in _row_blocks(out_f, in_f):
+        g = w[rows].detach().float().view(-1, in_f // group_size, group_size)
+        s = g.abs().amax(dim=2).clamp(min=1e-12) / 7.0  # (rows, n_groups)
+        q = torch.round(g / s[..., None]).clamp_(-7, 7).add_(8).to(torch.uint8).view(-1, in_f)  # codes 1..15
+        packed[rows] = q[:, 0::2] | (q[:, 1::2] << 4)  # low nibble = even column
+        scales[rows] = s
     return packed, scales
 
 
@@ -101,17 +121,20 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
 class QuantLinear(nn.Module):
     """A frozen linear layer stored as int8 or packed int4 (see the module docstring)."""
 
-    def __init__(self, linear: nn.Linear, bits: Bits = "int4", group_size: int = 64):
+    def __init__(self, linear: Union[nn.Linear, torch.Tensor], bits: Bits = "int4", group_size: int = 64,
+                 bias: Optional[torch.Tensor] = None):
+        """From an ``nn.Linear``, or from its ``(out, in)`` weight tensor and optional ``bias``."""
         super().__init__()
-        if bits not in ("int8", "int4"):
-            raise ConfigError(f"quantisation bits: got {bits!r}, expected 'int8' or 'int4'")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        _check_bits(bits)
+        weight = linear if isinstance(linear, torch.Tensor) else linear.weight
+        bias = bias if isinstance(linear, torch.Tensor) else linear.bias
+        self.out_features, self.in_features = weight.shape
         self.bits, self.group_size = bits, group_size
-        q, s = quantize_int8(linear.weight) if bits == "int8" else quantize_int4(linear.weight, group_size)
+        q, s = quantize_int8(weight) if bits == "int8" else quantize_int4(weight, group_size)
         self.register_buffer("weight", q)
         self.register_buffer("scales", s)
-        if linear.bias is not None:
-            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         else:
             self.bias = None
 
@@ -126,19 +149,41 @@ class QuantLinear(nn.Module):
                f"group_size={self.group_size if self.bits == 'int4' else None}"
 
 
+def _check_bits(bits: str) -> None:
+    if bits not in ("int8", "int4"):
+        raise ConfigError(f"quantisation bits: got {bits!r}, expected 'int8' or 'int4'")
+
+
+def _already(child: nn.Module, bits: str, group_size: int, where: str) -> bool:
+    """True for a module quantised the same way already (a base quantised while it loaded)."""
+    if not isinstance(child, (QuantLinear, QuantEmbedding)):
+        return False
+    if child.bits != bits or (bits == "int4" and child.group_size != group_size):
+        raise ConfigError(f"{where} is already quantised as {child.bits} (group_size {child.group_size}); "
+                          f"asked for {bits} (group_size {group_size}): load the base again")
+    return True
+
+
 def quantize_model(model: nn.Module, bits: Bits = "int4", group_size: int = 64,
                    targets: Optional[Iterable[str]] = None) -> list[str]:
     """Replace the ``nn.Linear`` children whose name is in ``targets`` (default: all) in place.
 
-    Returns the qualified names replaced. Embeddings are left alone (``quantize_embeddings``).
+    Returns the qualified names quantised (those already quantised the same way included).
+    Embeddings are left alone (``quantize_embeddings``).
     """
+    _check_bits(bits)
     wanted = set(targets) if targets is not None else None
     replaced = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and (wanted is None or name in wanted):
+            qual = f"{parent_name}.{name}" if parent_name else name
+            if wanted is not None and name not in wanted:
+                continue
+            if isinstance(child, nn.Linear):
                 setattr(parent, name, QuantLinear(child, bits, group_size))
-                replaced.append(f"{parent_name}.{name}" if parent_name else name)
+                replaced.append(qual)
+            elif isinstance(child, QuantLinear) and _already(child, bits, group_size, qual):
+                replaced.append(qual)
     if not replaced:
         raise ConfigError(f"quantize_model: no nn.Linear named {sorted(wanted or [])} in the model")
     return replaced
@@ -152,13 +197,14 @@ class QuantEmbedding(nn.Module):
     ``model.output_weight``.
     """
 
-    def __init__(self, emb: nn.Embedding, bits: Bits = "int4", group_size: int = 64):
+    def __init__(self, emb: Union[nn.Embedding, torch.Tensor], bits: Bits = "int4", group_size: int = 64):
+        """From an ``nn.Embedding`` or its ``(num_embeddings, dim)`` table."""
         super().__init__()
-        if bits not in ("int8", "int4"):
-            raise ConfigError(f"quantisation bits: got {bits!r}, expected 'int8' or 'int4'")
-        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        _check_bits(bits)
+        weight = emb if isinstance(emb, torch.Tensor) else emb.weight
+        self.num_embeddings, self.embedding_dim = weight.shape
         self.bits, self.group_size = bits, group_size
-        q, s = quantize_int8(emb.weight) if bits == "int8" else quantize_int4(emb.weight, group_size)
+        q, s = quantize_int8(weight) if bits == "int8" else quantize_int4(weight, group_size)
         self.register_buffer("qweight", q)  # (num_embeddings, dim) int8 or (num_embeddings, dim/2) uint8
         self.register_buffer("scales", s)
 
@@ -193,13 +239,49 @@ def quantize_embeddings(model: nn.Module, bits: Bits = "int4", group_size: int =
 
     With tied embeddings this also quantises the output projection, which is the same table.
     """
+    _check_bits(bits)
     replaced = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
+            qual = f"{parent_name}.{name}" if parent_name else name
             if isinstance(child, nn.Embedding):
                 setattr(parent, name, QuantEmbedding(child, bits, group_size))
-                replaced.append(f"{parent_name}.{name}" if parent_name else name)
+                replaced.append(qual)
+            elif _already(child, bits, group_size, qual):
+                replaced.append(qual)
     return replaced
+
+
+def quantizing_loader(bits: Bits = "int4", group_size: int = 64, targets: Optional[Iterable[str]] = None,
+                      embeddings: bool = False) -> Callable[[nn.Module, str, torch.Tensor], bool]:
+    """A ``convert`` for ``load_checkpoint``: quantise each targeted weight as it is read.
+
+    The ``nn.Linear`` children named in ``targets`` (default: all) and, with ``embeddings``,
+    every ``nn.Embedding`` become ``QuantLinear`` / ``QuantEmbedding`` as soon as their weight
+    arrives; the full-precision tensor is dropped at once. The result is what
+    ``quantize_model`` (and ``quantize_embeddings``) would give after a full load, code for
+    code, without the whole full-precision model in memory at any moment.
+    """
+    _check_bits(bits)
+    wanted = set(targets) if targets is not None else None
+
+    def convert(model: nn.Module, key: str, t: torch.Tensor) -> bool:
+        prefix, _, kind = key.rpartition(".")
+        if kind != "weight" or not prefix:
+            return False
+        parent_name, _, name = prefix.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        child = getattr(parent, name)
+        if isinstance(child, nn.Linear) and (wanted is None or name in wanted):
+            bias = child.bias
+            setattr(parent, name, QuantLinear(t, bits, group_size, bias=bias))
+            return True
+        if embeddings and isinstance(child, nn.Embedding):
+            setattr(parent, name, QuantEmbedding(t, bits, group_size))
+            return True
+        return False
+
+    return convert
 
 
 def quantized_bytes(model: nn.Module) -> int:

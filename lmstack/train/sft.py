@@ -23,7 +23,7 @@ import torch
 
 from lmstack.config import config_to_dict
 from lmstack.errors import LMStackError
-from lmstack.peft.core import apply_peft, describe_params, save_adapter
+from lmstack.peft.core import apply_peft, base_loader, describe_params, save_adapter
 from lmstack.train.chat_data import collate, encode_dataset, measure, read_jsonl
 from lmstack.train.checkpoint import ensure_fresh, latest_checkpoint, load_checkpoint_state
 from lmstack.train.config import SFTConfig
@@ -36,7 +36,7 @@ from lmstack.train.common import (EpochOrder, MetricsLog, all_reduce_sum, autoca
 def _load_base(cfg: SFTConfig):
     from lmstack.infer.llm import LLM
 
-    llm = LLM.load(cfg.model or None, device=cfg.device, seed=cfg.seed)
+    llm = LLM.load(cfg.model or None, device=cfg.device, seed=cfg.seed, convert=base_loader(cfg.peft))
     if llm.tokenizer is None:
         raise LMStackError(f"model {cfg.model!r} has no tokenizer; SFT needs one to render chats")
     return llm.model, llm.tokenizer

@@ -4,13 +4,17 @@
     .venv/bin/python bench/train.py --case lora-peft # one case (what the driver runs per process)
     .venv/bin/python bench/train.py --only lora-ckpt-lmstack qlora-ckpt-lmstack --loss-chunk 0
 
-Each case runs in its own process (so peak memory is that case's alone) with glibc told to
-return freed blocks to the OS (MALLOC_MMAP_THRESHOLD_), and peak memory is the highest RSS
-sampled every 2 ms during the timed steps. Step time is the median of the timed steps after
-one warm-up step. The fine-tuning cases also report the peak above the RSS the process had
-just before it loaded the model (after importing torch, transformers and lmstack): the
-library pages are the same whatever is trained, so that figure is what the model, its
-tokenizer, the activations and the optimizer cost.
+Each case runs twice, each time in its own process (so peak memory is that case's alone):
+once with glibc's default allocator for the step time (the median of the timed steps after one
+warm-up step), and once with glibc told to return freed blocks to the OS at once
+(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) for the memory: the process's peak RSS (the
+kernel's VmHWM: imports, loading and every step included) then follows the live tensors
+instead of what the allocator keeps. That setting makes every large allocation a system call
+and page faults, up to twice the step time, so it is never used for timing; the peak under
+the default allocator is reported too. The fine-tuning cases also report that peak less
+the RSS the process had just before it loaded the model (after importing torch, transformers
+and lmstack): the library pages are the same whatever is trained, so that figure is what the
+model, its tokenizer, the activations and the optimizer cost.
 
 * ``pretrain-*``: random token batches through ``Transformer`` + AdamW (fwd, bwd, step);
   MFU = achieved FLOPs (6N + attention, PaLM app. B) / the measured 1024^3 matmul throughput
@@ -20,7 +24,10 @@ tokenizer, the activations and the optimizer cost.
   linear projections, batch of 8 examples of the shipped instruction set (right-padded, loss
   on assistant tokens, no attention mask on either side), fp32, AdamW.
 * ``qlora-lmstack`` / ``qlora8-lmstack``: the same with the frozen base in group-wise int4 / int8
-  (the tied embedding / output projection too, unless ``--float-embedding``).
+  (the tied embedding / output projection too, unless ``--float-embedding``), quantised while
+  it loads (``lmstack.peft.base_loader``), as ``lmstack sft`` does.
+* ``--base smollm2-360m`` (any preset): the fine-tuning cases on that shape with random weights
+  instead of the embedded model, to see how the ratios move with model size.
 * ``--loss-chunk`` sets ``token_loss_sum``'s fused projection + loss chunk for the lmstack
   cases (0: one unfused projection with full logits, as transformers computes its loss).
 """
@@ -34,7 +41,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -43,41 +49,26 @@ CASES = ["pretrain-llama-10m-float32", "pretrain-llama-10m-bfloat16", "pretrain-
          "lora-ckpt-lmstack", "lora-ckpt-peft", "qlora-ckpt-lmstack"]
 
 
-class PeakRSS:
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
 
-    def __enter__(self):
-        self.peak = self.rss()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
+def peak_rss() -> int:
+    """The process's peak RSS so far (VmHWM): imports, loading and every step included."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def _timed_steps(step, n_steps: int) -> tuple[float, int]:
-    """(median step seconds, peak RSS in bytes) over ``n_steps`` steps after one warm-up."""
+    """(median step seconds, the process's peak RSS in bytes) over ``n_steps`` steps after one warm-up."""
     step()
     times = []
-    with PeakRSS() as mem:
-        for _ in range(n_steps):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times), mem.peak
+    for _ in range(n_steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), peak_rss()
 
 
 def _memory(peak: int, before_load: int) -> dict:
@@ -127,19 +118,19 @@ def _sft_batch(tok):
 
 
 def case_lora_lmstack(method: str, steps: int, bits: str = "int4", ckpt: bool = False, loss_chunk: int = 4096,
-                      quant_embedding: bool = True) -> dict:
+                      quant_embedding: bool = True, base: str | None = None) -> dict:
     import torch
 
     from lmstack import LLM
-    from lmstack.peft import PEFTConfig, apply_peft, param_counts
+    from lmstack.peft import PEFTConfig, apply_peft, base_loader, param_counts
     from lmstack.train.common import token_loss_sum
 
-    before_load = PeakRSS().rss()
-    llm = LLM.load()
+    cfg = PEFTConfig(method=method, r=8, alpha=16, quant_bits=bits, group_size=64, quant_embedding=quant_embedding)
+    before_load = rss()
+    llm = LLM.load(base, convert=base_loader(cfg))  # QLoRA: quantised as it loads, as `lmstack sft` does
     model, tok = llm.model, llm.tokenizer
     torch.manual_seed(0)
-    apply_peft(model, PEFTConfig(method=method, r=8, alpha=16, quant_bits=bits, group_size=64,
-                                 quant_embedding=quant_embedding))
+    apply_peft(model, cfg)
     model.gradient_checkpointing = ckpt
     model.train()
     inputs, targets, _ = _sft_batch(tok)
@@ -161,7 +152,7 @@ def case_lora_lmstack(method: str, steps: int, bits: str = "int4", ckpt: bool = 
             "target_tokens": int((targets != -100).sum()), "step_s": sec, **_memory(peak, before_load)}
 
 
-def case_lora_peft(steps: int, ckpt: bool = False) -> dict:
+def case_lora_peft(steps: int, ckpt: bool = False, base: str | None = None) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -171,9 +162,9 @@ def case_lora_peft(steps: int, ckpt: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as d:
         # The export runs in a child process so that this one's RSS before the load holds the
         # imported libraries only, as in the lmstack cases.
-        subprocess.run([sys.executable, "-c", f"from lmstack import LLM; LLM.load().save({d!r}, format='hf')"],
+        subprocess.run([sys.executable, "-c", f"from lmstack import LLM; LLM.load({base!r}).save({d!r}, format='hf')"],
                        check=True)
-        before_load = PeakRSS().rss()
+        before_load = rss()
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa")
         tok = Tokenizer.load(d)
     torch.manual_seed(0)
@@ -203,7 +194,7 @@ def case_lora_peft(steps: int, ckpt: bool = False) -> dict:
             "step_s": sec, **_memory(peak, before_load)}
 
 
-def run_case(name: str, steps: int, loss_chunk: int, quant_embedding: bool) -> dict:
+def run_case(name: str, steps: int, loss_chunk: int, quant_embedding: bool, base: str | None = None) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -211,10 +202,13 @@ def run_case(name: str, steps: int, loss_chunk: int, quant_embedding: bool) -> d
         parts = name[len("pretrain-"):].rsplit("-", 1)
         return case_pretrain(parts[0], parts[1], steps)
     if name.endswith("-peft"):
-        return case_lora_peft(steps, ckpt="-ckpt" in name)
+        return case_lora_peft(steps, ckpt="-ckpt" in name, base=base)
     method = "qlora" if name.startswith("qlora") else "lora"
     return case_lora_lmstack(method, steps, "int8" if name.startswith("qlora8") else "int4", ckpt="-ckpt" in name,
-                             loss_chunk=loss_chunk, quant_embedding=quant_embedding)
+                             loss_chunk=loss_chunk, quant_embedding=quant_embedding, base=base)
+
+
+_TIME_FIELDS = ("step_s", "tokens_per_s", "achieved_gflops", "matmul_peak_gflops", "mfu")
 
 
 def _ratios(results: list[dict]) -> list[str]:
@@ -241,31 +235,51 @@ def main() -> None:
                     help="lmstack cases: vocabulary rows per chunk of the fused loss (0 = unfused)")
     ap.add_argument("--float-embedding", action="store_true",
                     help="QLoRA cases: keep the tied embedding / output projection in fp32")
+    ap.add_argument("--base", help="fine-tuning cases: a preset (random weights, seed 0, saved once with the "
+                                   "embedded model's tokenizer, e.g. smollm2-360m) instead of the embedded model")
     ap.add_argument("--out", help="write all results as JSON here")
     args = ap.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, args.steps, args.loss_chunk, not args.float_embedding)))
+        print(json.dumps(run_case(args.case, args.steps, args.loss_chunk, not args.float_embedding, args.base)))
         return
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "2"}
+    env_time = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env_mem = {**env_time, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     extra = ["--loss-chunk", str(args.loss_chunk)] + (["--float-embedding"] if args.float_embedding else [])
     results = []
-    for c in args.only or CASES:
-        p = subprocess.run([sys.executable, __file__, "--case", c, "--steps", str(args.steps), *extra], env=env,
-                           capture_output=True, text=True)
-        if p.returncode != 0:
-            print(f"{c}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
-            continue
-        r = json.loads(p.stdout.strip().splitlines()[-1])
-        results.append(r)
-        print(json.dumps(r), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.base:
+            folder = str(Path(tmp) / args.base)
+            subprocess.run([sys.executable, "-c", "from lmstack import LLM; "
+                            f"m = LLM.load({args.base!r}); m.tokenizer = LLM.load().tokenizer; m.save({folder!r})"],
+                           check=True)
+            extra += ["--base", folder]
+        for c in args.only or CASES:
+            runs = []
+            for e in (env_time, env_mem):
+                p = subprocess.run([sys.executable, __file__, "--case", c, "--steps", str(args.steps), *extra], env=e,
+                                   capture_output=True, text=True)
+                if p.returncode != 0:
+                    print(f"{c}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
+                    break
+                runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+            if len(runs) < 2:
+                continue
+            r = {**runs[1], **{k: v for k, v in runs[0].items() if k in _TIME_FIELDS},
+                 "peak_rss_default_malloc_mib": runs[0]["peak_rss_mib"]}
+            if args.base:
+                r["case"] += f" ({args.base}, random weights)"
+            results.append(r)
+            print(json.dumps(r), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
-    print("\n| case | step (s) | tokens/s | MFU | peak RSS (MiB) | above pre-load (MiB) |\n|---|---|---|---|---|---|")
+    print("\n| case | step (s) | tokens/s | MFU | peak RSS (MiB) | above pre-load (MiB) | peak RSS, default malloc "
+          "(MiB) |\n|---|---|---|---|---|---|---|")
     for r in results:
         tps = r.get("tokens_per_s", r["tokens_per_step"] / r["step_s"])
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
         above = f"{r['peak_above_load_mib']:,.0f}" if "peak_above_load_mib" in r else "-"
-        print(f"| {r['case']} | {r['step_s']:.2f} | {tps:,.0f} | {mfu} | {r['peak_rss_mib']:,.0f} | {above} |")
+        print(f"| {r['case']} | {r['step_s']:.2f} | {tps:,.0f} | {mfu} | {r['peak_rss_mib']:,.0f} | {above} | "
+              f"{r['peak_rss_default_malloc_mib']:,.0f} |")
     for line in _ratios(results):
         print(line)
 

@@ -152,9 +152,21 @@ def case_lora_lmstack(method: str, steps: int, bits: str = "int4", ckpt: bool = 
             "target_tokens": int((targets != -100).sum()), "step_s": sec, **_memory(peak, before_load)}
 
 
+def peft_lora(model, ckpt: bool):
+    """The PEFT side of every LoRA comparison: r=8, alpha=16 on all seven projections."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"]))
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
 def case_lora_peft(steps: int, ckpt: bool = False, base: str | None = None) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from lmstack.tokenizer import Tokenizer
@@ -168,12 +180,7 @@ def case_lora_peft(steps: int, ckpt: bool = False, base: str | None = None) -> d
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa")
         tok = Tokenizer.load(d)
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                             "gate_proj", "up_proj", "down_proj"]))
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    model = peft_lora(model, ckpt)
     model.train()
     inputs, _, labels = _sft_batch(tok)
     ids = labels.clone()

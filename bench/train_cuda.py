@@ -58,16 +58,12 @@ def case(name: str, folder: str, B: int, T: int) -> dict:
 
     ckpt = "-ckpt" in name
     if name.endswith("-peft"):
-        from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
+        from train import peft_lora  # bench/train.py: the same PEFT set-up as the CPU comparison
+
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").cuda()
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                 "gate_proj", "up_proj", "down_proj"]))
-        if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+        model = peft_lora(model, ckpt)
         inputs, targets = _batch(model.config.vocab_size, B, T)
         labels = torch.cat([torch.full_like(targets[:, :1], -100), targets], 1)[:, :-1]  # HF shifts inside
 

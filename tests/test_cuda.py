@@ -10,7 +10,8 @@ import torch
 
 from hf_fixtures import make_hf_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device (torch.cuda.is_available() is False)")
 transformers = pytest.importorskip("transformers")
 
 CUDA = "cuda"

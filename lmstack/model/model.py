@@ -20,7 +20,6 @@ q/k rows are permuted back on load (see ``gguf_loader``).
 from __future__ import annotations
 
 import math
-import sys
 from typing import Optional, Sequence
 
 import torch
@@ -194,20 +193,6 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-def _checkpoint(fn, *args):
-    """Non-reentrant activation checkpointing (torch's), recomputing ``fn(*args)`` in backward.
-
-    Outside ``torch.compile`` this calls the function under torch's dynamo-disabling wrapper:
-    the wrapper's only job is to stop a compiler from tracing into it, and on first use it
-    imports the whole compiler stack (~70 MiB of RSS, over a second) into every eager run.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    if "torch._dynamo" not in sys.modules:  # nothing is compiling: the wrapper has nothing to do
-        checkpoint = getattr(checkpoint, "__wrapped__", checkpoint)
-    return checkpoint(fn, *args, use_reentrant=False)
-
-
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -306,7 +291,9 @@ class Transformer(nn.Module):
         try:
             for block in self.blocks:
                 if self.gradient_checkpointing and self.training and cache is None:
-                    x = _checkpoint(block, x, rope, None, mask)
+                    from torch.utils.checkpoint import checkpoint
+
+                    x = checkpoint(block, x, rope, None, mask, use_reentrant=False)
                 else:
                     x = block(x, rope, cache, mask)
         except BaseException:

@@ -9,9 +9,9 @@ from lmstack.peft.config import ALL_LINEARS, PEFTConfig
 _LAZY = {
     "AdapterLinear": "lmstack.peft.adapter", "LoRALinear": "lmstack.peft.lora",
     "PrefixAttention": "lmstack.peft.prefix",
-    **{n: "lmstack.peft.core" for n in ("apply_peft", "base_loader", "describe_params", "load_adapter", "merge_and_unload",
-                                         "merge_lora", "param_counts", "peft_disabled", "peft_state_dict",
-                                         "save_adapter", "unmerge_lora")},
+    **{n: "lmstack.peft.core" for n in ("apply_peft", "base_loader", "describe_params", "load_adapter",
+                                         "merge_and_unload", "merge_lora", "param_counts", "peft_disabled",
+                                         "peft_state_dict", "save_adapter", "unmerge_lora")},
 }
 __all__ = ["ALL_LINEARS", "PEFTConfig", *_LAZY]
 

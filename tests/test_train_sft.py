@@ -267,3 +267,37 @@ def test_sft_two_gloo_processes_match_single(tmp_path, strategy, method):
     out = "adapter/adapter.safetensors" if method == "lora" else "final/model.safetensors"
     a, b = load_file(str(tmp_path / "single" / "run" / out)), load_file(str(tmp_path / "dist" / out))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_qlora_sft_quantises_the_base_while_it_loads(tmp_path, monkeypatch):
+    """`lmstack sft` with a QLoRA base from a folder: every targeted weight is quantised as the
+    checkpoint is read, and the run equals one whose base was quantised after a full load."""
+    import lmstack.train.sft as sft_module
+    from lmstack import LLM
+    from lmstack.model import Transformer, preset
+    from lmstack.peft import base_loader
+
+    torch.manual_seed(0)
+    folder = tmp_path / "base"
+    LLM(Transformer(preset("tiny-llama")), byte_level_tokenizer()).save(folder)
+    data = _write(tmp_path)
+    peft = {"method": "qlora", "r": 4, "alpha": 8, "group_size": 32}
+    taken = []
+
+    def spying_loader(cfg):
+        convert = base_loader(cfg)
+
+        def spy(model, key, t):
+            done = convert(model, key, t)
+            taken.extend([key] if done else [])
+            return done
+
+        return spy
+
+    monkeypatch.setattr(sft_module, "base_loader", spying_loader)
+    streamed = sft(_cfg(tmp_path / "a", data, model=str(folder), max_steps=3, peft=peft))
+    assert len(taken) == 1 + 7 * 2 and "tok_emb.weight" in taken  # the embedding and every linear
+    monkeypatch.setattr(sft_module, "base_loader", lambda cfg: None)
+    after = sft(_cfg(tmp_path / "b", data, model=str(folder), max_steps=3, peft=peft))
+    assert streamed["losses"] == after["losses"] and len(streamed["losses"]) == 3
+    assert (tmp_path / "a" / "run" / "adapter").is_dir()

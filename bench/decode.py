@@ -11,6 +11,10 @@ peak RSS is its own.
 Bandwidth bound: decoding one step reads every weight once, so at batch 1 the ceiling is
 memory bandwidth / weight bytes; ``--bandwidth-gbs`` sets the measured bandwidth (53 GB/s
 on the reference 2-core machine).
+
+``--dtypes int4 qlora``: lmstack with group-wise int4 weights (quantised while loading; ``qlora``
+adds LoRA r=8 on all seven projections, as a QLoRA model is after training) against
+transformers in fp32, what it runs on a CPU without a 4-bit backend.
 """
 
 from __future__ import annotations
@@ -43,16 +47,22 @@ def worker(engine: str, dtype: str, batch: int, prompt_len: int, new_tokens: int
     import torch
 
     torch.set_num_threads(threads)
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    dt = {"bfloat16": torch.bfloat16}.get(dtype, torch.float32)  # int4 / qlora: transformers runs fp32
     torch.manual_seed(0)
     prompts = torch.randint(100, 40000, (batch, prompt_len))
     if engine == "lmstack":
         from lmstack import LLM
         from lmstack.infer import SamplingParams, generate_ids
+        from lmstack.peft import PEFTConfig, apply_peft, base_loader
 
-        llm = LLM.load(dtype=dtype)
+        quant = dtype in ("int4", "qlora")
+        peft = PEFTConfig(method="qlora", r=8, alpha=16, quant_bits="int4", group_size=64)
+        llm = LLM.load(dtype=None if quant else dtype, convert=base_loader(peft) if quant else None)
         model = llm.model
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if dtype == "qlora":  # the int4 base with LoRA on all seven projections, as after QLoRA training
+            apply_peft(model, peft)
+            model.eval()
+        weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
         def run(n):
             params = SamplingParams(max_new_tokens=n, ignore_eos=True)

@@ -195,3 +195,53 @@ def test_builds_into_an_empty_cache_and_reuses_it(tmp_path):
         assert out.stdout.strip() == "True", out.stderr
     built = list((tmp_path / "kernels").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"  # one library: no older build, no temp dirs
+
+
+@pytest.mark.parametrize("N,K,G", [(96, 128, 32), (50, 256, 64), (300, 576, 64), (7, 192, 96), (40, 1536, 128)])
+@pytest.mark.parametrize("M", [1, 5, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_matches_the_dequantised_weight(calls, N, K, G, M, bias):
+    from lmstack.quant import dequantize, quantize_int4
+
+    g = torch.Generator().manual_seed(N * 1000 + K + M)
+    q, s = quantize_int4(torch.randn(N, K, generator=g), G)
+    x = torch.randn(3, M, K, generator=g)[1:2]
+    b = torch.randn(N, generator=g) if bias else None
+    y = cpu_kernels.int4_linear(x, q, s, b, G)
+    ref = F.linear(x.double(), dequantize(q, s, "int4", G).double(), None if b is None else b.double())
+    assert y.shape == (1, M, N) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * K ** 0.5)
+    assert calls == {("int4", torch.float32): 1}
+
+
+def test_int4_leaves_what_it_does_not_take_to_torch(calls):
+    from lmstack.quant import quantize_int4
+
+    q, s = quantize_int4(torch.randn(8, 64), 32)
+    x = torch.randn(2, 64)
+    assert cpu_kernels.int4_linear(x.requires_grad_(), q, s, None, 32) is None  # autograd needs torch's ops
+    x = x.detach()
+    assert cpu_kernels.int4_linear(torch.randn(cpu_kernels.MAX_ROWS + 1, 64), q, s, None, 32) is None
+    assert cpu_kernels.int4_linear(x.bfloat16(), q, s, None, 32) is None
+    q16, s16 = quantize_int4(torch.randn(8, 64), 16)
+    assert cpu_kernels.int4_linear(x, q16, s16, None, 16) is None  # groups must be a multiple of 32
+    assert calls == {}
+
+
+def test_qlora_model_decodes_the_same_tokens_with_and_without_the_int4_kernel(monkeypatch, calls):
+    from lmstack.infer import SamplingParams, generate_ids
+    from lmstack.model import Transformer, preset
+    from lmstack.peft import PEFTConfig, apply_peft
+
+    torch.manual_seed(0)
+    model = apply_peft(Transformer(preset("tiny-llama")), PEFTConfig(method="qlora", r=4, alpha=8, group_size=32))
+    for m in model.modules():  # adapters that change the output
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B, std=0.05)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompts = [[5, 9, 2, 44], [7, 7]]
+    with_kernel = generate_ids(model.eval(), prompts, params)
+    # every quantised linear (7 per layer) and the tied output projection, at every decode step
+    assert calls[("int4", torch.float32)] >= (7 * 2 + 1) * 11
+    monkeypatch.setattr(cpu_kernels, "_lib", False)
+    assert generate_ids(model, prompts, params) == with_kernel

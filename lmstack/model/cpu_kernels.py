@@ -107,12 +107,13 @@ def load() -> Optional[ctypes.CDLL]:
                 "lm_rmsnorm": [c_int, p, p, p, i64, i64, ctypes.c_float],
                 "lm_rope": [c_int, p, p, p, i64, i64, i64],
                 "lm_decode_attention": [c_int, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64,
-                                        ctypes.c_float, c_int]}
+                                        ctypes.c_float, c_int],
+                "lm_int4_linear": [c_int, p, p, p, p, p, i64, i64, i64, i64, c_int]}
         for name, argtypes in sigs.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = ctypes.c_int, argtypes
         _FN.update(linear=lib.lm_small_linear, group=lib.lm_small_linear_group, rmsnorm=lib.lm_rmsnorm,
-                   rope=lib.lm_rope, attention=lib.lm_decode_attention)
+                   rope=lib.lm_rope, attention=lib.lm_decode_attention, int4=lib.lm_int4_linear)
     except Exception as e:  # never fatal: the torch path is always there
         log.warning("CPU decode kernel unavailable (%s); using torch's linear", str(e)[:300])
         return None
@@ -177,6 +178,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if _FN["linear"](_BF16[x.dtype], x.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(),
                      M, N, K, torch.get_num_threads()) != 0:
         return F.linear(x, weight, bias)
+    return y
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+                group_size: int) -> Optional[torch.Tensor]:
+    """``x @ dequantize(packed, scales).T + bias`` for group-wise int4 weights (``lmstack.quant``'s
+    layout), without building the fp32 weight: CPU, fp32, no gradient needed, at most
+    ``MAX_ROWS`` rows, groups a multiple of 32. ``None`` where it does not apply."""
+    K = packed.shape[-1] * 2
+    M = _rows(x, K)
+    if (not M or x.dtype != torch.float32 or packed.dtype != torch.uint8 or scales.dtype != torch.float32
+            or group_size % 32 or K % group_size or not packed.is_contiguous() or not scales.is_contiguous()
+            or not _applies(x, bias)):
+        return None
+    x = x.contiguous()
+    N = packed.shape[0]
+    y = torch.empty((*x.shape[:-1], N), dtype=x.dtype)
+    if _FN["int4"](0, x.data_ptr(), packed.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), M, N, K,
+                   group_size, torch.get_num_threads()) != 0:
+        return None
     return y
 
 

@@ -311,4 +311,7 @@ class Transformer(nn.Module):
                 x = x[torch.arange(B, device=x.device), last][:, None, :]  # (B, 1, C)
         if return_hidden:
             return x
+        head = getattr(self.tok_emb, "project", None) if self.config.tie_embeddings else None
+        if head is not None:  # a quantised tied table (lmstack.quant) projects without a dense copy
+            return head(x)
         return linear(x, self.output_weight)

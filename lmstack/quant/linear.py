@@ -19,10 +19,15 @@ QLoRA comes from).
 ``QuantEmbedding`` stores a frozen embedding table the same way, one quantised row per token.
 A lookup dequantises only the rows it returns; ``rows(start, end)`` dequantises a slice, which
 is how the training loss reads a tied output projection chunk by chunk
-(``lmstack.train.loss``). Its ``weight`` is the whole table dequantised on each access, a
-temporary for code that wants the dense matrix (the model's own logits, generation).
-Deliberately left out: quantised matmul kernels (the product runs in the activation dtype),
-activation quantisation, and training the quantised weight itself.
+(``lmstack.train.loss``); ``project(x)`` gives a tied output projection's logits. Its
+``weight`` is the whole table dequantised on each access, a temporary for code that wants the
+dense matrix.
+
+Decoding on the CPU (a few rows, fp32, no gradient) sends int4 products to a C kernel that
+reads the codes and scales directly (``cpu_kernels.int4_linear``); everything else, training
+included, dequantises one weight at a time and runs torch's matmul in the activation dtype.
+Deliberately left out: int8 and GPU kernels, activation quantisation, and training the
+quantised weight itself.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from typing import Callable, Iterable, Iterator, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lmstack.errors import ConfigError
+from lmstack.model import cpu_kernels
 
 Bits = Literal["int8", "int4"]
 
@@ -114,6 +121,10 @@ class _DequantMatmul(torch.autograd.Function):
 
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
                      bias: Optional[torch.Tensor], bits: str, group_size: int) -> torch.Tensor:
+    if bits == "int4":  # decoding on the CPU: int4 codes straight into the product, no fp32 weight
+        y = cpu_kernels.int4_linear(x, weight, scales, bias, group_size)
+        if y is not None:
+            return y
     y = _DequantMatmul.apply(x, weight, scales, bits, group_size)
     return y if bias is None else y + bias.to(y.dtype)
 
@@ -215,6 +226,16 @@ class QuantEmbedding(nn.Module):
     def rows(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows ``start:end`` of the table, dequantised: ``(end - start, embedding_dim)``."""
         return dequantize(self.qweight[start:end], self.scales[start:end], self.bits, self.group_size, dtype)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ table.T``: the logits of a tied output projection. On the CPU, for a few rows
+        of int4 and no gradient, the codes go straight into the product; otherwise the table
+        is dequantised for it."""
+        if self.bits == "int4":
+            y = cpu_kernels.int4_linear(x, self.qweight, self.scales, None, self.group_size)
+            if y is not None:
+                return y
+        return F.linear(x, self.rows(0, self.num_embeddings, x.dtype))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         flat = idx.reshape(-1)

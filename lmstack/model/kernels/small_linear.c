@@ -362,3 +362,66 @@ int lm_decode_attention(int bf16, const void *q, const void *k, const void *v, v
     }
     return fail;
 }
+
+/* Group-wise int4 weights (lmstack.quant's layout) against a few fp32 rows, dequantised in
+ * registers: y[m, n] = sum_g s[n, g] * sum_{j < G} (c[n, gG + j] - 8) * x[m, gG + j] + b[n].
+ * w is (N, K/2) bytes, the low nibble holding the even column; s is (N, K/G) fp32. Each weight
+ * byte is read once for all M rows, so a decode step streams K/2 bytes per output instead of
+ * the 4K of an fp32 weight. x is split into its even and odd columns once, so the nibbles need
+ * no interleaving. Returns 2 for what it does not take (the caller falls back). */
+int lm_int4_linear(int bf16, const float *x, const uint8_t *w, const float *s, const float *b, float *y,
+                   int64_t M, int64_t N, int64_t K, int64_t G, int nthreads) {
+    if (bf16 || M < 1 || M > 16 || G < 2 || G % 32 || K % G) return 2;  /* fp32 activations only */
+    const int64_t H = K / 2, NG = K / G, HG = G / 2;
+    float *xe = (float *)malloc(sizeof(float) * (size_t)(M * K));
+    if (!xe) return 3;
+    float *xo = xe + M * H;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < H; j++) {
+            xe[m * H + j] = x[m * K + 2 * j];
+            xo[m * H + j] = x[m * K + 2 * j + 1];
+        }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+#endif
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wr = w + n * H;
+        const float *sr = s + n * NG;
+        float acc[16] = {0};
+#ifdef __AVX512F__
+        const __m128i lo4 = _mm_set1_epi8(0x0F);
+        const __m512 eight = _mm512_set1_ps(8.0f);
+        __m512 total[16];
+        for (int64_t m = 0; m < M; m++) total[m] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < NG; g++) {
+            __m512 part[16];
+            for (int64_t m = 0; m < M; m++) part[m] = _mm512_setzero_ps();
+            for (int64_t j = g * HG; j < (g + 1) * HG; j += 16) {
+                const __m128i v = _mm_loadu_si128((const __m128i *)(wr + j));
+                const __m512 we = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, lo4))), eight);
+                const __m512 wo = _mm512_sub_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), lo4))), eight);
+                for (int64_t m = 0; m < M; m++) {
+                    part[m] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xe + m * H + j), part[m]);
+                    part[m] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xo + m * H + j), part[m]);
+                }
+            }
+            const __m512 sc = _mm512_set1_ps(sr[g]);
+            for (int64_t m = 0; m < M; m++) total[m] = _mm512_fmadd_ps(part[m], sc, total[m]);
+        }
+        for (int64_t m = 0; m < M; m++) acc[m] = _mm512_reduce_add_ps(total[m]);
+#else
+        for (int64_t g = 0; g < NG; g++) {
+            for (int64_t m = 0; m < M; m++) {
+                float part = 0.0f;
+                for (int64_t j = g * HG; j < (g + 1) * HG; j++)
+                    part += (float)((wr[j] & 15) - 8) * xe[m * H + j] + (float)((wr[j] >> 4) - 8) * xo[m * H + j];
+                acc[m] += sr[g] * part;
+            }
+        }
+#endif
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = acc[m] + (b ? b[n] : 0.0f);
+    }
+    free(xe);
+    return 0;
+}

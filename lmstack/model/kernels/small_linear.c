@@ -36,47 +36,43 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 
 #ifdef __AVX512F__
-/* One weight row against one fp32 input row: a single sequential stream per thread, four
- * independent accumulators. (Interleaving several rows was 30% slower on the machines we
- * measured: the hardware prefetcher follows one stream best.) */
-static inline __m512 bf16x16(const uint16_t *p) {
+/* The weight loads of one 16-lane step, full and masked: fp32 as is, bf16 widened. */
+static inline __m512 ld_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 ldm_f32(__mmask16 mk, const float *p) { return _mm512_maskz_loadu_ps(mk, p); }
+static inline __m512 ld_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
-
-static inline float dot_f32(const float *w, const float *x, int64_t K) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
-    }
-    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
-    if (k < K) {
-        const __mmask16 mk = (__mmask16)((1u << (K - k)) - 1u);
-        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + k), _mm512_maskz_loadu_ps(mk, x + k), a1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+static inline __m512 ldm_bf16(__mmask16 mk, const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
 }
 
-static inline float dot_bf16(const uint16_t *w, const float *x, int64_t K) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-        a0 = _mm512_fmadd_ps(bf16x16(w + k), _mm512_loadu_ps(x + k), a0);
-        a1 = _mm512_fmadd_ps(bf16x16(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-        a2 = _mm512_fmadd_ps(bf16x16(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-        a3 = _mm512_fmadd_ps(bf16x16(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+/* One weight row against one fp32 input row: a single sequential stream per thread, four
+ * independent accumulators. (Interleaving several rows was 30% slower on the machines we
+ * measured: the hardware prefetcher follows one stream best.) One body serves both weight
+ * types: the loads are the only difference, and the macro keeps them inlined in the loop. */
+#define DEFINE_DOT(NAME, WT, LD, LDM)                                                                   \
+    static inline float NAME(const WT *w, const float *x, int64_t K) {                                \
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),         \
+               a3 = _mm512_setzero_ps();                                                              \
+        int64_t k = 0;                                                                                \
+        for (; k + 64 <= K; k += 64) {                                                                \
+            a0 = _mm512_fmadd_ps(LD(w + k), _mm512_loadu_ps(x + k), a0);                              \
+            a1 = _mm512_fmadd_ps(LD(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);                    \
+            a2 = _mm512_fmadd_ps(LD(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);                    \
+            a3 = _mm512_fmadd_ps(LD(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);                    \
+        }                                                                                             \
+        for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(LD(w + k), _mm512_loadu_ps(x + k), a0);     \
+        if (k < K) {                                                                                  \
+            const __mmask16 mk = (__mmask16)((1u << (K - k)) - 1u);                                   \
+            a1 = _mm512_fmadd_ps(LDM(mk, w + k), _mm512_maskz_loadu_ps(mk, x + k), a1);               \
+        }                                                                                             \
+        return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));     \
     }
-    for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(bf16x16(w + k), _mm512_loadu_ps(x + k), a0);
-    if (k < K) {
-        const __mmask16 mk = (__mmask16)((1u << (K - k)) - 1u);
-        const __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, w + k)), 16));
-        a1 = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, x + k), a1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-}
+
+DEFINE_DOT(dot_f32, float, ld_f32, ldm_f32)
+DEFINE_DOT(dot_bf16, uint16_t, ld_bf16, ldm_bf16)
+#undef DEFINE_DOT
+
 #ifdef __AVX512BF16__
 /* bf16 x bf16 pairs straight into fp32 sums (AVX512-BF16 VDPBF16PS): half the instructions
  * of widening the weights first, so the bf16 kernel stays bound by memory, not by the core. */
@@ -197,12 +193,11 @@ static int group(int bf16, const void *x, int nmat, const int64_t *w, const int6
         }
     }
     for (int i = 0; i < nmat; i++) {
-        const float *a = acc + M * off[i];
-        float *accw = (float *)a;
+        float *a = acc + M * off[i];
         if (b[i])
             for (int64_t m = 0; m < M; m++)
                 for (int64_t n = 0; n < N[i]; n++)
-                    accw[m * N[i] + n] += bf16 ? bf16_to_f32(((const uint16_t *)(intptr_t)b[i])[n])
+                    a[m * N[i] + n] += bf16 ? bf16_to_f32(((const uint16_t *)(intptr_t)b[i])[n])
                                                : ((const float *)(intptr_t)b[i])[n];
     }
     if (swiglu) {
@@ -382,7 +377,7 @@ int lm_int4_linear(int bf16, const float *x, const uint8_t *w, const float *s, c
             xo[m * H + j] = x[m * K + 2 * j + 1];
         }
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(pick_threads(N, K, nthreads)) schedule(static)
 #endif
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *wr = w + n * H;

@@ -80,7 +80,7 @@ def score_token_rows(model, rows: Sequence[Sequence[int]], n_targets: Sequence[i
     if rows and max(len(r) for r in rows) > block:
         raise ConfigError(f"score: a row of {max(len(r) for r in rows)} tokens is longer than the model's "
                           f"context of {block}; use a sliding window")
-    device = model.output_weight.device
+    device = model.device
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out: list[Optional[Scored]] = [None] * len(rows)
     with torch.inference_mode():

@@ -182,7 +182,7 @@ class Engine:
     def __init__(self, model, tokenizer, config: Optional[EngineConfig] = None):
         self.model, self.tokenizer = model, tokenizer
         self.config = cfg = config or EngineConfig()
-        self.device = model.output_weight.device
+        self.device = model.device
         self.max_seq_len = min(cfg.max_seq_len, model.config.block_size)
         self.n_valid = tokenizer.vocab_size if tokenizer is not None else model.config.vocab_size
         # Room past max_seq_len: a step writes T positions in every row it runs (right padding).

@@ -1,6 +1,6 @@
 """A deterministic stand-in for a ``Transformer``, for engine and server tests and benchmarks.
 
-``FakeModel`` has the model's serving interface (``config``, ``output_weight``,
+``FakeModel`` has the model's serving interface (``config``, ``device``,
 ``new_cache``, ``forward(idx, cache, input_lengths, last_only)``) and real cache
 bookkeeping, but no weights: the next token of a row at position ``p`` is the byte of
 ``ALPHABET[p % 26]``, so a stream's text is known in advance. ``step_seconds`` makes every
@@ -31,7 +31,7 @@ class FakeConfig:
 class FakeModel:
     def __init__(self, vocab_size: int = 320, block_size: int = 4096, step_seconds: float = 0.0):
         self.config = FakeConfig(vocab_size, block_size)
-        self.output_weight = torch.zeros(1)
+        self.device = torch.device("cpu")
         self.step_seconds = step_seconds
         self.hang: Optional[threading.Event] = None
         self.calls = 0

@@ -96,7 +96,7 @@ def stream_generate(
         for b in range(B):
             yield TokenEvent(b, None, "", "length")
         return
-    device = model.output_weight.device
+    device = model.device
     if seeds is None:
         seeds = [None if params.seed is None else params.seed + b for b in range(B)]
     gens = make_generators(list(seeds), device)
@@ -179,7 +179,7 @@ def beam_search(
     """
     if num_beams < 1:
         raise LMStackError(f"num_beams: got {num_beams}, expected >= 1")
-    device = model.output_weight.device
+    device = model.device
     eos = set(eos_token_ids)
     max_new_tokens = min(max_new_tokens, model.config.block_size - len(prompt))
     cache = model.new_cache(num_beams, len(prompt) + max_new_tokens)

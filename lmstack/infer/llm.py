@@ -103,7 +103,7 @@ class LLM:
 
     @property
     def device(self) -> torch.device:
-        return self.model.output_weight.device
+        return self.model.device
 
     # -- text helpers ------------------------------------------------------------------------
     def _need_tokenizer(self):

@@ -232,6 +232,12 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.config.tie_embeddings else self.lm_head.weight
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors live (read from the final norm, never from the output
+        projection, which a quantised tied table would dequantise whole to answer)."""
+        return next(self.norm.parameters()).device
+
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 

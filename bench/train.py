@@ -30,6 +30,10 @@ model, its tokenizer, the activations and the optimizer cost.
   instead of the embedded model, to see how the ratios move with model size.
 * ``--loss-chunk`` sets ``token_loss_sum``'s fused projection + loss chunk for the lmstack
   cases (0: one unfused projection with full logits, as transformers computes its loss).
+* ``--pairs N``: the step-time comparison of the first two ``--only`` cases (default
+  ``lora-lmstack lora-peft``) as N interleaved pairs of runs, each its own process under the
+  default allocator, so that both sides of a pair see the same machine; prints each pair's
+  ratio and the median. One run per side is at the mercy of a shared machine's load.
 """
 
 from __future__ import annotations
@@ -233,6 +237,25 @@ def _ratios(results: list[dict]) -> list[str]:
     return lines
 
 
+def pair_ratios(cases: list[str], pairs: int, steps: int, env: dict, extra: list[str]) -> None:
+    """Step time of ``cases[0]`` over ``cases[1]``, from ``pairs`` interleaved pairs of runs."""
+    if len(cases) != 2:
+        raise SystemExit(f"--pairs compares two cases, got {cases}")
+    ratios = []
+    print(f"| pair | {cases[0]} step (s) | {cases[1]} step (s) | ratio |\n|---|---|---|---|")
+    for i in range(pairs):
+        sec = []
+        for c in cases:
+            p = subprocess.run([sys.executable, __file__, "--case", c, "--steps", str(steps), *extra], env=env,
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                raise SystemExit(f"{c}: failed\n{p.stderr[-2000:]}")
+            sec.append(json.loads(p.stdout.strip().splitlines()[-1])["step_s"])
+        ratios.append(sec[0] / sec[1])
+        print(f"| {i + 1} | {sec[0]:.2f} | {sec[1]:.2f} | {ratios[-1]:.2f}x |", flush=True)
+    print(f"\nratios, sorted: {', '.join(f'{r:.2f}x' for r in sorted(ratios))}; median {statistics.median(ratios):.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", choices=CASES)
@@ -245,6 +268,8 @@ def main() -> None:
     ap.add_argument("--base", help="fine-tuning cases: a preset (random weights, seed 0, saved once with the "
                                    "embedded model's tokenizer, e.g. smollm2-360m) instead of the embedded model")
     ap.add_argument("--out", help="write all results as JSON here")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="step time only: this many interleaved runs of the first two --only cases, and their ratios")
     args = ap.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.steps, args.loss_chunk, not args.float_embedding, args.base)))
@@ -252,6 +277,12 @@ def main() -> None:
     env_time = {**os.environ, "OMP_NUM_THREADS": "2"}
     env_mem = {**env_time, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     extra = ["--loss-chunk", str(args.loss_chunk)] + (["--float-embedding"] if args.float_embedding else [])
+    if args.pairs:
+        if args.base:
+            ap.error("--pairs runs the embedded model; leave out --base")
+        pair_ratios(args.only[:2] if args.only else ["lora-lmstack", "lora-peft"], args.pairs, args.steps, env_time,
+                    extra)
+        return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.base:

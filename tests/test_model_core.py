@@ -173,3 +173,22 @@ def test_checkpoint_that_does_not_fit_the_config_is_named(tmp_path):
     save_file(sd, str(tmp_path / "m" / "model.safetensors"))
     with pytest.raises(LMStackError, match=r"missing \['norm.weight'\], unexpected \['extra.weight'\]"):
         load_checkpoint(tmp_path / "m")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_keep_returns_the_kept_positions_only(name):
+    """``keep`` runs the last block's MLP on the marked positions only: the same hidden states
+    (and logits) as the full forward at those positions, in row-major order."""
+    model = tiny(name)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 320, (3, 11), generator=g)
+    keep = torch.rand(3, 11, generator=g) < 0.3
+    keep[0, 0] = keep[2, -1] = True
+    with torch.no_grad():
+        full_h, part_h = model(ids, return_hidden=True), model(ids, return_hidden=True, keep=keep)
+        full, part = model(ids), model(ids, keep=keep)
+    assert part_h.shape == (1, int(keep.sum()), model.config.n_embd)
+    torch.testing.assert_close(part_h[0], full_h[keep], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(part[0], full[keep], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="keep"):
+        model(ids, keep=keep[:, :-1])

@@ -355,3 +355,52 @@ def test_train_step_changes_every_trainable_param_and_no_frozen(method):
     for k, v in before.items():
         changed = not torch.equal(v, after[k])
         assert changed == (k in trainable), f"{k}: changed={changed}, trainable={k in trainable}"
+
+
+@pytest.mark.parametrize("name,method,bits,ckpt", [
+    ("tiny-llama", "lora", "int4", False), ("tiny-gpt2", "lora", "int4", False), ("tiny-llama", "lora", "int4", True),
+    ("tiny-llama", "qlora", "int4", False), ("tiny-qwen2", "qlora", "int8", True)])
+def test_lora_training_node_equals_the_plain_expression(monkeypatch, name, method, bits, ckpt):
+    """Training on the CPU runs each LoRA layer as one autograd node (``_LoRAFunction``, its
+    rank-r products in BLAS's fast layouts): the same loss and gradients as the per-op
+    expression, for dense and quantised bases, with biases (GPT-2, Qwen2's q/k/v) and with
+    activation checkpointing."""
+    model = apply_peft(_model(name), PEFTConfig(method=method, r=4, alpha=8, group_size=32, quant_bits=bits))
+    _randomise_lora(model)
+    model.train()
+    model.gradient_checkpointing = ckpt
+    ids = _ids(T=16)
+
+    def run(m):
+        s, n = token_loss_sum(m, ids[:, :-1], ids[:, 1:])
+        (s / n).backward()
+        return s.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad}
+
+    plain = copy.deepcopy(model)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    assert type(model.blocks[0].attn.q_proj(x).grad_fn).__name__ == "_LoRAFunctionBackward"
+    s1, g1 = run(model)
+    with monkeypatch.context() as mp:
+        mp.setattr(LoRALinear, "_fused", lambda self, x: False)
+        assert type(plain.blocks[0].attn.q_proj(x).grad_fn).__name__ != "_LoRAFunctionBackward"
+        s0, g0 = run(plain)
+    torch.testing.assert_close(s1, s0, rtol=1e-6, atol=1e-5)
+    assert g0.keys() == g1.keys() and all(k.endswith(("lora_A", "lora_B")) for k in g0)
+    for k in g0:
+        assert g1[k] is not None and g1[k].abs().sum() > 0, k
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_training_node_is_not_used_where_it_does_not_apply():
+    model = apply_peft(_model(), PEFTConfig(method="lora", r=4, alpha=8, dropout=0.1)).train()
+    m = model.blocks[0].attn.q_proj
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    assert not m._fused(x)  # dropout active: the plain expression draws the mask
+    model.eval()
+    assert m._fused(x)
+    with torch.no_grad():
+        assert not m._fused(x)  # inference: the plain path (and its decoding kernels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not m._fused(x)
+    with peft_disabled(model):
+        assert not m._fused(x)

@@ -35,6 +35,41 @@ def test_fused_loss_and_gradients_equal_unfused(chunk):
     torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1000, 300, 7])
+def test_fused_loss_with_a_frozen_table_forms_the_gradient_in_one_walk(chunk):
+    # The PEFT case: the table needs no gradient, so d loss / d h is accumulated during the
+    # forward (one walk over the vocabulary) and the backward only scales it.
+    h, w, t = _data()
+    h1 = h.clone().requires_grad_(True)
+    ref = F.cross_entropy(F.linear(h1, w), t, reduction="sum")
+    (3 * ref).backward()
+    h2 = h.clone().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(tuple(x.shape)) or x, lambda x: x):
+        out = linear_cross_entropy(h2, w, t, chunk)
+    assert saved == [tuple(h.shape)]  # the gradient itself: no table, no logits, no h
+    (3 * out).backward()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_loss_with_a_frozen_table_under_bf16_autocast():
+    h, w, t = _data()
+    h0, h1, h2 = (h.clone().requires_grad_(True) for _ in range(3))
+    F.cross_entropy(F.linear(h0, w), t, reduction="sum").backward()  # fp32 reference
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h1, w).float(), t, reduction="sum")
+        out = linear_cross_entropy(h2, w, t, 256)
+    ref.backward()
+    out.backward()
+    assert h2.grad.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-3)
+    # bf16 products, summed in another order than torch's: no further from fp32 than torch's bf16 gradient
+    err = (h2.grad - h0.grad).abs().max()
+    torch_err = (h1.grad - h0.grad).abs().max()
+    assert 0 < err <= 2 * torch_err
+
+
 def test_fused_loss_reads_a_quantised_table_in_slices():
     h, w, t = _data()
     emb = torch.nn.Embedding(*w.shape)

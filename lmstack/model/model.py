@@ -188,8 +188,10 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, cache, mask=None):
+    def forward(self, x, rope, cache, mask=None, keep: Optional[torch.Tensor] = None):
         x = x + self.attn(self.attn_norm(x), rope, cache, mask)
+        if keep is not None:  # the last block, only these positions read further: (1, N, C)
+            x = x[keep][None]
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -256,6 +258,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         return_hidden: bool = False,
         doc_ids: Optional[torch.Tensor] = None,
+        keep: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)`` for token ids ``idx`` ``(B, T)``.
 
@@ -265,10 +268,16 @@ class Transformer(nn.Module):
         projection during prefill). ``return_hidden`` returns the final normed hidden states
         ``(B, T, n_embd)`` instead of logits. ``doc_ids`` ``(B, T)`` (training on packed rows,
         no cache) restricts attention to tokens of the same document and restarts positions
-        at each document.
+        at each document. ``keep`` ``(B, T)`` bool (no cache) returns the positions it marks
+        only, as ``(1, N, ...)`` in row-major order (``out[0] == full[keep]``): the last block
+        runs its MLP on those rows only, since nothing after it reads the others (training
+        losses that cover a few target positions).
         """
         cfg = self.config
         B, T = idx.shape
+        if keep is not None and (cache is not None or last_only or keep.shape != idx.shape):
+            raise ValueError(f"keep: expected a (B, T) = {tuple(idx.shape)} mask without a cache or last_only, "
+                             f"got shape {tuple(keep.shape)}")
         if cache is not None:
             pos = cache.begin(T, input_lengths)  # (B, T)
         else:
@@ -294,14 +303,16 @@ class Transformer(nn.Module):
         if cfg.pos == "rope":
             dt = x.dtype
             rope = (self.rope_cos[pos][:, None].to(dt), self.rope_sin[pos][:, None].to(dt))  # (B, 1, T, hd)
+        last = len(self.blocks) - 1
         try:
-            for block in self.blocks:
+            for i, block in enumerate(self.blocks):
+                kw = {"keep": keep} if keep is not None and i == last else {}
                 if self.gradient_checkpointing and self.training and cache is None:
                     from torch.utils.checkpoint import checkpoint
 
-                    x = checkpoint(block, x, rope, None, mask, use_reentrant=False)
+                    x = checkpoint(block, x, rope, None, mask, use_reentrant=False, **kw)
                 else:
-                    x = block(x, rope, cache, mask)
+                    x = block(x, rope, cache, mask, **kw)
         except BaseException:
             if cache is not None:
                 cache._step = None  # a failed forward leaves the cache lengths unchanged

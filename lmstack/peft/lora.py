@@ -7,7 +7,16 @@ Dettmers et al. 2023) in place. It adopts the base layer's own tensors under the
 names, so ``blocks.0.attn.q_proj.weight`` stays the key of the frozen weight and a base
 checkpoint loads unchanged; only ``lora_A`` and ``lora_B`` are new. ``merge`` folds the update
 into ``W0`` and ``unmerge`` takes it out again (exactly when ``keep_base_copy``, else up to
-float rounding). Deliberately left out: DoRA / rsLoRA scaling variants and LoRA on embeddings.
+float rounding).
+
+Training on the CPU (gradients on, no autocast, no active dropout), the frozen product and the
+update run as one autograd node, ``_LoRAFunction``, instead of the four or five nodes the
+plain expression records. Its backward computes the rank-r products in the layouts in which
+CPU BLAS is fast (``B^T g^T`` and ``a^T g`` instead of ``g B`` and ``g^T a``: several times
+faster for r = 8, ``bench/train.py`` shows the step) and adds the update's input gradient
+into the base's in place instead of summing two ``(M, in)`` tensors. The values are those of
+the plain expression up to float rounding (tested). Deliberately left out: DoRA / rsLoRA
+scaling variants and LoRA on embeddings.
 """
 
 from __future__ import annotations
@@ -20,6 +29,52 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmstack.errors import UnsupportedError
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """``base(x) + scaling * (x A^T) B^T`` for a frozen base weight (dense, or quantised and
+    dequantised on the fly in both passes); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scales, bias, lora_A, lora_B, scaling: float, bits: Optional[str],
+                group_size: int):
+        if bits is None:
+            y = F.linear(x, weight, bias)
+        else:
+            from lmstack.quant.linear import dequantize
+
+            y = x @ dequantize(weight, scales, bits, group_size, x.dtype).t()
+            y = y if bias is None else y + bias.to(y.dtype)
+        r, out_features = lora_A.shape[0], lora_B.shape[0]
+        a = F.linear(x, lora_A).reshape(-1, r)  # (M, r)
+        y.view(-1, out_features).addmm_(a, lora_B.t(), alpha=scaling)  # y is this node's own: in place
+        ctx.save_for_backward(x, a, weight, scales, lora_A, lora_B)
+        ctx.meta = (scaling, bits, group_size)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, weight, scales, lora_A, lora_B = ctx.saved_tensors
+        scaling, bits, group_size = ctx.meta
+        want_x, want_bias, want_A, want_B = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
+        g = grad.reshape(-1, lora_B.shape[0])  # (M, out)
+        ga_t = torch.mm(lora_B.t(), g.t()).mul_(scaling)  # (r, M): d loss / d a, transposed
+        grad_x = grad_bias = grad_A = grad_B = None
+        if want_A:
+            grad_A = torch.mm(ga_t, x.reshape(-1, lora_A.shape[1]))  # (r, in)
+        if want_B:
+            grad_B = torch.mm(a.t(), g).mul_(scaling).t().contiguous()  # (out, r)
+        if want_x:
+            if bits is None:
+                w = weight
+            else:
+                from lmstack.quant.linear import dequantize
+
+                w = dequantize(weight, scales, bits, group_size, g.dtype)
+            grad_x = torch.mm(g, w).addmm_(ga_t.t(), lora_A).view(x.shape)
+        if want_bias:
+            grad_bias = g.sum(0)
+        return grad_x, None, None, grad_bias, grad_A, grad_B, None, None, None
 
 
 class LoRALinear(nn.Module):
@@ -66,7 +121,16 @@ class LoRALinear(nn.Module):
 
         return quantized_linear(x, self.weight, self.scales, self.bias, self.bits, self.group_size)
 
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Whether this call trains through ``_LoRAFunction`` (see the module docstring)."""
+        return (x.device.type == "cpu" and torch.is_grad_enabled() and not self.disabled and not self.merged
+                and not torch.is_autocast_enabled("cpu") and (self.bits is not None or not self.weight.requires_grad)
+                and (isinstance(self.dropout, nn.Identity) or not self.training))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused(x):
+            return _LoRAFunction.apply(x, self.weight, getattr(self, "scales", None), self.bias, self.lora_A,
+                                       self.lora_B, self.scaling, self.bits, self.group_size)
         y = self.base_forward(x)
         if self.disabled:
             return y - F.linear(x, self.delta_weight().to(x.dtype)) if self.merged else y

@@ -72,7 +72,8 @@ def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
     """Sum of next-token cross-entropies over targets != IGNORE, and their count.
 
     ``selective`` computes logits only at positions that carry a target: with an
-    assistant-only mask most of the (B, T, vocab) projection and softmax is skipped (FSDP
+    assistant-only mask most of the (B, T, vocab) projection and softmax is skipped, and so
+    is the last block's MLP at the other positions (``Transformer.forward(keep=...)``; FSDP
     needs the projection inside the wrapped forward, so it passes ``selective=False``).
     There, ``loss_chunk > 0`` fuses the projection and the loss over vocabulary chunks
     (``lmstack.train.loss``) so the (N, vocab) logits never exist, and a quantised tied
@@ -84,9 +85,11 @@ def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
     if not selective:
         logits = model(inputs, **forward_kw)[keep]  # (N, vocab)
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), n
-    hidden = model(inputs, return_hidden=True, **forward_kw)  # (B, T, C)
+    if n < keep.numel():  # the last block's MLP and the final norm run on the target rows only
+        h = model(inputs, return_hidden=True, keep=keep, **forward_kw)[0]  # (N, C)
+    else:
+        h = model(inputs, return_hidden=True, **forward_kw).flatten(0, 1)  # (N, C)
     core = model.module if hasattr(model, "module") else model
-    h = hidden[keep] if n < keep.numel() else hidden.flatten(0, 1)  # (N, C)
     table = core.tok_emb if core.config.tie_embeddings else None
     if loss_chunk > 0 and isinstance(table, QuantEmbedding):
         return linear_cross_entropy(h, None, targets[keep], loss_chunk, table.rows, table.num_embeddings), n

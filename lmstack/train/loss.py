@@ -9,6 +9,13 @@ recomputing each chunk of logits to form its slice of ``softmax - onehot``. Memo
 is one more ``(N, C) x (C, vocab)`` matmul per step. A quantised table (``QuantEmbedding``,
 a tied QLoRA output projection) is read the same way, one dequantised chunk at a time.
 
+When the table is frozen (LoRA, QLoRA, any PEFT method) the gradient of ``h`` is the only
+one wanted, and it is formed in the forward's single walk instead: ``d loss / d h =
+softmax(z) W - W[target]``, and ``softmax(z) W`` accumulates chunk by chunk with the same
+running rescaling as the normaliser (the output accumulation of flash attention, Dao et al.
+2022, with the table in the role of the values). Two matmuls per chunk instead of three, and
+the backward only scales the saved ``(N, C)`` gradient.
+
 Under autocast the matmuls run in the autocast dtype and the softmax in fp32, like
 ``F.linear`` followed by ``logits.float()``. Deliberately left out: label smoothing, z-loss
 and token chunking (the loss only sees target positions, so N stays small).
@@ -40,22 +47,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
         m = torch.full((n,), float("-inf"), device=h.device)  # running max of each token's logits
         s = torch.zeros(n, device=h.device)  # running sum of exp(logit - m)
         target_logit = torch.zeros(n, device=h.device)
+        # Frozen table, gradient wanted for h only: accumulate sum_j exp(z_j - m) W_j as we go.
+        one_pass = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        acc = torch.zeros(h.shape, device=h.device) if one_pass else None
+        w_target = torch.zeros(h.shape, device=h.device) if one_pass else None
         for a in range(0, vocab_size, chunk):
             b = min(vocab_size, a + chunk)
-            z = (hc @ _chunk(weight, rows, a, b, dt).t()).float()  # (N, b - a)
+            w = _chunk(weight, rows, a, b, dt)  # (b - a, C)
+            z = (hc @ w.t()).float()  # (N, b - a)
             m_new = torch.maximum(m, z.amax(dim=1))
-            s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(dim=1)
+            rescale = torch.exp(m - m_new)
+            e = torch.exp(z - m_new[:, None])
+            s = s * rescale + e.sum(dim=1)
             m = m_new
             inside = (targets >= a) & (targets < b)
             picked = z.gather(1, (targets - a).clamp(0, b - a - 1)[:, None])[:, 0]
             target_logit = torch.where(inside, picked, target_logit)
+            if one_pass:
+                acc.mul_(rescale[:, None]).add_((e.to(dt) @ w).float())
+                w_target[inside] = w[targets[inside] - a].float()
         lse = m + s.log()  # (N,)
-        ctx.save_for_backward(h, weight, targets, lse)
+        if one_pass:
+            ctx.save_for_backward(acc.div_(s[:, None]).sub_(w_target))  # d loss / d h, (N, C)
+        else:
+            ctx.save_for_backward(h, weight, targets, lse)
+        ctx.one_pass, ctx.h_dtype = one_pass, h.dtype
         ctx.rows, ctx.vocab_size, ctx.chunk, ctx.dt = rows, vocab_size, chunk, dt
         return (lse - target_logit).sum()
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.one_pass:
+            (grad_h,) = ctx.saved_tensors
+            return (grad_h * grad).to(ctx.h_dtype), None, None, None, None, None, None
         h, weight, targets, lse = ctx.saved_tensors
         rows, vocab_size, chunk, dt = ctx.rows, ctx.vocab_size, ctx.chunk, ctx.dt
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

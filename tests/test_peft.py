@@ -357,15 +357,20 @@ def test_train_step_changes_every_trainable_param_and_no_frozen(method):
         assert changed == (k in trainable), f"{k}: changed={changed}, trainable={k in trainable}"
 
 
-@pytest.mark.parametrize("name,method,bits,ckpt", [
-    ("tiny-llama", "lora", "int4", False), ("tiny-gpt2", "lora", "int4", False), ("tiny-llama", "lora", "int4", True),
-    ("tiny-llama", "qlora", "int4", False), ("tiny-qwen2", "qlora", "int8", True)])
-def test_lora_training_node_equals_the_plain_expression(monkeypatch, name, method, bits, ckpt):
+@pytest.mark.parametrize("name,method,bits,ckpt,targets", [
+    ("tiny-llama", "lora", "int4", False, None), ("tiny-gpt2", "lora", "int4", False, None),
+    ("tiny-llama", "lora", "int4", True, None), ("tiny-llama", "qlora", "int4", False, None),
+    ("tiny-qwen2", "qlora", "int8", True, None), ("tiny-llama", "lora", "int4", False, ["q_proj", "v_proj", "up_proj"])])
+def test_lora_training_node_equals_the_plain_expression(monkeypatch, name, method, bits, ckpt, targets):
     """Training on the CPU runs each LoRA layer as one autograd node (``_LoRAFunction``, its
-    rank-r products in BLAS's fast layouts): the same loss and gradients as the per-op
-    expression, for dense and quantised bases, with biases (GPT-2, Qwen2's q/k/v) and with
-    activation checkpointing."""
-    model = apply_peft(_model(name), PEFTConfig(method=method, r=4, alpha=8, group_size=32, quant_bits=bits))
+    rank-r products in BLAS's fast layouts), layers that read the same input (q/k/v, gate/up)
+    as one node together: the same loss and gradients as the per-op expression, for dense and
+    quantised bases, with biases (GPT-2, Qwen2's q/k/v), with activation checkpointing, and
+    with only some projections adapted (no group then)."""
+    from lmstack.model.model import shared_input
+
+    kw = {"targets": targets} if targets else {}
+    model = apply_peft(_model(name), PEFTConfig(method=method, r=4, alpha=8, group_size=32, quant_bits=bits, **kw))
     _randomise_lora(model)
     model.train()
     model.gradient_checkpointing = ckpt
@@ -378,7 +383,10 @@ def test_lora_training_node_equals_the_plain_expression(monkeypatch, name, metho
 
     plain = copy.deepcopy(model)
     x = torch.randn(2, 5, 64, requires_grad=True)
-    assert type(model.blocks[0].attn.q_proj(x).grad_fn).__name__ == "_LoRAFunctionBackward"
+    attn = model.blocks[0].attn
+    assert type(attn.q_proj(x).grad_fn).__name__ == "_LoRAFunctionBackward"
+    nodes = {id(t.grad_fn) for t in shared_input([attn.q_proj, attn.k_proj, attn.v_proj], x)}
+    assert len(nodes) == (3 if targets else 1)
     s1, g1 = run(model)
     with monkeypatch.context() as mp:
         mp.setattr(LoRALinear, "_fused", lambda self, x: False)

@@ -92,6 +92,15 @@ def sinusoidal_embedding(pos: torch.Tensor, dim: int) -> torch.Tensor:
     return out
 
 
+def shared_input(layers: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """``[m(x) for m in layers]``, computed together where the first layer knows how for all of
+    them (a ``forward_group(layers, x)`` method that may decline with None: LoRA layers
+    training on the CPU share one autograd node, ``lmstack.peft.lora``)."""
+    group = getattr(layers[0], "forward_group", None)
+    out = group(layers, x) if group is not None else None
+    return out if out is not None else [m(x) for m in layers]
+
+
 def project_qkv(attn: nn.Module, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q ``(B, nh, T, hd)`` and k, v ``(B, nkv, T, hd)`` of ``x`` through ``attn``'s projections,
     with rotary positions applied to q and k. Shared by every attention variant (prefix tuning)."""
@@ -101,7 +110,7 @@ def project_qkv(attn: nn.Module, x: torch.Tensor, rope) -> tuple[torch.Tensor, t
         # Decoding on the CPU: the three projections in one pass (None where it does not apply).
         qkv = cpu_kernels.linear_group(x, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
                                        [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-    q, k, v = qkv if qkv is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    q, k, v = qkv if qkv is not None else shared_input([attn.q_proj, attn.k_proj, attn.v_proj], x)
     q = q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)
     k = k.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
     v = v.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
@@ -176,7 +185,10 @@ class MLP(nn.Module):
         if self.swiglu:  # Shazeer 2020, "GLU Variants Improve Transformer", FFN_SwiGLU
             g, u = self.gate_proj, self.up_proj
             h = cpu_kernels.swiglu(x, g.weight, u.weight, g.bias, u.bias) if type(g) is Linear and type(u) is Linear else None
-            return self.down_proj(h if h is not None else F.silu(g(x)) * u(x))
+            if h is None:
+                gx, ux = shared_input([g, u], x)
+                h = F.silu(gx) * ux
+            return self.down_proj(h)
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 

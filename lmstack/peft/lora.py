@@ -11,12 +11,15 @@ float rounding).
 
 Training on the CPU (gradients on, no autocast, no active dropout), the frozen product and the
 update run as one autograd node, ``_LoRAFunction``, instead of the four or five nodes the
-plain expression records. Its backward computes the rank-r products in the layouts in which
-CPU BLAS is fast (``B^T g^T`` and ``a^T g`` instead of ``g B`` and ``g^T a``: several times
-faster for r = 8, ``bench/train.py`` shows the step) and adds the update's input gradient
+plain expression records; layers that read the same input (q/k/v, gate/up: the model asks
+through ``forward_group``) share one node, so their ``A`` products are one matmul each way and
+their input gradients are accumulated in one buffer. Its backward computes the rank-r products in the layouts in which
+CPU BLAS handles thin products well (``B^T g^T`` and ``a^T g`` instead of autograd's ``g B``
+and ``g^T a``; ``bench/train.py`` measures the step) and adds the update's input gradient
 into the base's in place instead of summing two ``(M, in)`` tensors. The values are those of
-the plain expression up to float rounding (tested). Deliberately left out: DoRA / rsLoRA
-scaling variants and LoRA on embeddings.
+the plain expression up to float rounding (tested). The layouts are chosen for CPU BLAS; a
+GPU keeps the per-op path (the one ``bench/train_cuda.py`` measured). Deliberately left out:
+DoRA / rsLoRA scaling variants and LoRA on embeddings.
 """
 
 from __future__ import annotations
@@ -31,50 +34,75 @@ import torch.nn.functional as F
 from lmstack.errors import UnsupportedError
 
 
+def _dense(weight, scales, bits: Optional[str], group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    if bits is None:
+        return weight
+    from lmstack.quant.linear import dequantize
+
+    return dequantize(weight, scales, bits, group_size, dtype)
+
+
 class _LoRAFunction(torch.autograd.Function):
-    """``base(x) + scaling * (x A^T) B^T`` for a frozen base weight (dense, or quantised and
-    dequantised on the fly in both passes); see the module docstring."""
+    """``base_i(x) + scaling_i * (x A_i^T) B_i^T`` for one or more LoRA layers that read the same
+    ``x`` (q/k/v, gate/up), their frozen bases dense or quantised (dequantised on the fly in both
+    passes); see the module docstring.
+
+    ``layers`` holds ``(scaling, bits, group_size)`` per layer and ``tensors`` its ``weight,
+    scales, bias, lora_A, lora_B``. The layers' ``A`` are stacked, so ``x A^T``, the gradient of
+    ``A`` and the update's input gradient are one product each for the whole group.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, scales, bias, lora_A, lora_B, scaling: float, bits: Optional[str],
-                group_size: int):
-        if bits is None:
-            y = F.linear(x, weight, bias)
-        else:
-            from lmstack.quant.linear import dequantize
-
-            y = x @ dequantize(weight, scales, bits, group_size, x.dtype).t()
-            y = y if bias is None else y + bias.to(y.dtype)
-        r, out_features = lora_A.shape[0], lora_B.shape[0]
-        a = F.linear(x, lora_A).reshape(-1, r)  # (M, r)
-        y.view(-1, out_features).addmm_(a, lora_B.t(), alpha=scaling)  # y is this node's own: in place
-        ctx.save_for_backward(x, a, weight, scales, lora_A, lora_B)
-        ctx.meta = (scaling, bits, group_size)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, a, weight, scales, lora_A, lora_B = ctx.saved_tensors
-        scaling, bits, group_size = ctx.meta
-        want_x, want_bias, want_A, want_B = (ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
-        g = grad.reshape(-1, lora_B.shape[0])  # (M, out)
-        ga_t = torch.mm(lora_B.t(), g.t()).mul_(scaling)  # (r, M): d loss / d a, transposed
-        grad_x = grad_bias = grad_A = grad_B = None
-        if want_A:
-            grad_A = torch.mm(ga_t, x.reshape(-1, lora_A.shape[1]))  # (r, in)
-        if want_B:
-            grad_B = torch.mm(a.t(), g).mul_(scaling).t().contiguous()  # (out, r)
-        if want_x:
+    def forward(ctx, x, layers: tuple, *tensors):
+        per = [tensors[i:i + 5] for i in range(0, len(tensors), 5)]
+        lora_a = per[0][3] if len(per) == 1 else torch.cat([t[3] for t in per])  # (R, in), R = sum of ranks
+        a = F.linear(x, lora_a).reshape(-1, lora_a.shape[0])  # (M, R)
+        outs, off = [], 0
+        for (scaling, bits, group_size), (weight, scales, bias, lora_A, lora_B) in zip(layers, per):
             if bits is None:
-                w = weight
+                y = F.linear(x, weight, bias)
             else:
-                from lmstack.quant.linear import dequantize
+                y = x @ _dense(weight, scales, bits, group_size, x.dtype).t()
+                y = y if bias is None else y + bias.to(y.dtype)
+            r = lora_A.shape[0]
+            y.view(-1, lora_B.shape[0]).addmm_(a[:, off:off + r], lora_B.t(), alpha=scaling)  # y is ours: in place
+            outs.append(y)
+            off += r
+        ctx.save_for_backward(x, a, lora_a, *tensors)
+        ctx.layers = layers
+        return tuple(outs)
 
-                w = dequantize(weight, scales, bits, group_size, g.dtype)
-            grad_x = torch.mm(g, w).addmm_(ga_t.t(), lora_A).view(x.shape)
-        if want_bias:
-            grad_bias = g.sum(0)
-        return grad_x, None, None, grad_bias, grad_A, grad_B, None, None, None
+    @staticmethod
+    def backward(ctx, *grads):
+        x, a, lora_a, *tensors = ctx.saved_tensors
+        per = [tensors[i:i + 5] for i in range(0, len(tensors), 5)]
+        want = ctx.needs_input_grad[2:]  # per layer: weight, scales, bias, lora_A, lora_B
+        ga_t = torch.empty(lora_a.shape[0], a.shape[0], dtype=a.dtype, device=a.device)  # (R, M): d loss / d a, transposed
+        out: list[Optional[torch.Tensor]] = [None] * len(tensors)
+        grad_x, off = None, 0
+        for i, ((scaling, bits, group_size), (weight, scales, bias, lora_A, lora_B), grad) in enumerate(
+                zip(ctx.layers, per, grads)):
+            r = lora_A.shape[0]
+            g = grad.reshape(-1, lora_B.shape[0])  # (M, out)
+            torch.mm(lora_B.t(), g.t(), out=ga_t[off:off + r]).mul_(scaling)
+            if want[5 * i + 4]:
+                out[5 * i + 4] = torch.mm(a[:, off:off + r].t(), g).mul_(scaling).t().contiguous()  # (out, r)
+            if want[5 * i + 2]:
+                out[5 * i + 2] = g.sum(0)
+            if ctx.needs_input_grad[0]:  # the frozen products, accumulated into one buffer
+                w = _dense(weight, scales, bits, group_size, g.dtype)
+                grad_x = torch.mm(g, w) if grad_x is None else grad_x.addmm_(g, w)
+            off += r
+        if any(want[5 * i + 3] for i in range(len(per))):
+            grad_a = torch.mm(ga_t, x.reshape(-1, lora_a.shape[1]))  # (R, in)
+            off = 0
+            for i, t in enumerate(per):
+                r = t[3].shape[0]
+                out[5 * i + 3] = grad_a[off:off + r] if want[5 * i + 3] else None
+                off += r
+        if grad_x is not None:
+            grad_x = grad_x.addmm_(ga_t.t(), lora_a).view(x.shape)
+        return (grad_x, None, *out)
 
 
 class LoRALinear(nn.Module):
@@ -127,10 +155,21 @@ class LoRALinear(nn.Module):
                 and not torch.is_autocast_enabled("cpu") and (self.bits is not None or not self.weight.requires_grad)
                 and (isinstance(self.dropout, nn.Identity) or not self.training))
 
+    def _tensors(self) -> tuple:
+        return self.weight, getattr(self, "scales", None), self.bias, self.lora_A, self.lora_B
+
+    def forward_group(self, layers: list[nn.Module], x: torch.Tensor) -> Optional[list[torch.Tensor]]:
+        """The outputs of ``layers`` (this one first), which all read ``x``, from one
+        ``_LoRAFunction`` node; None unless every one is a LoRA layer training through it."""
+        if not all(isinstance(m, LoRALinear) and m._fused(x) and m.lora_A.dtype == self.lora_A.dtype
+                   for m in layers):
+            return None
+        return list(_LoRAFunction.apply(x, tuple((m.scaling, m.bits, m.group_size) for m in layers),
+                                        *[t for m in layers for t in m._tensors()]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused(x):
-            return _LoRAFunction.apply(x, self.weight, getattr(self, "scales", None), self.bias, self.lora_A,
-                                       self.lora_B, self.scaling, self.bits, self.group_size)
+            return _LoRAFunction.apply(x, ((self.scaling, self.bits, self.group_size),), *self._tensors())[0]
         y = self.base_forward(x)
         if self.disabled:
             return y - F.linear(x, self.delta_weight().to(x.dtype)) if self.merged else y

@@ -360,7 +360,8 @@ def test_train_step_changes_every_trainable_param_and_no_frozen(method):
 @pytest.mark.parametrize("name,method,bits,ckpt,targets", [
     ("tiny-llama", "lora", "int4", False, None), ("tiny-gpt2", "lora", "int4", False, None),
     ("tiny-llama", "lora", "int4", True, None), ("tiny-llama", "qlora", "int4", False, None),
-    ("tiny-qwen2", "qlora", "int8", True, None), ("tiny-llama", "lora", "int4", False, ["q_proj", "v_proj", "up_proj"])])
+    ("tiny-qwen2", "qlora", "int8", True, None),
+    ("tiny-llama", "lora", "int4", False, ["q_proj", "v_proj", "up_proj"])])
 def test_lora_training_node_equals_the_plain_expression(monkeypatch, name, method, bits, ckpt, targets):
     """Training on the CPU runs each LoRA layer as one autograd node (``_LoRAFunction``, its
     rank-r products in BLAS's fast layouts), layers that read the same input (q/k/v, gate/up)

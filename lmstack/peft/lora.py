@@ -11,15 +11,16 @@ float rounding).
 
 Training on the CPU (gradients on, no autocast, no active dropout), the frozen product and the
 update run as one autograd node, ``_LoRAFunction``, instead of the four or five nodes the
-plain expression records; layers that read the same input (q/k/v, gate/up: the model asks
-through ``forward_group``) share one node, so their ``A`` products are one matmul each way and
-their input gradients are accumulated in one buffer. Its backward computes the rank-r products in the layouts in which
+plain expression records. Its backward computes the rank-r products in the layouts in which
 CPU BLAS handles thin products well (``B^T g^T`` and ``a^T g`` instead of autograd's ``g B``
 and ``g^T a``; ``bench/train.py`` measures the step) and adds the update's input gradient
-into the base's in place instead of summing two ``(M, in)`` tensors. The values are those of
-the plain expression up to float rounding (tested). The layouts are chosen for CPU BLAS; a
-GPU keeps the per-op path (the one ``bench/train_cuda.py`` measured). Deliberately left out:
-DoRA / rsLoRA scaling variants and LoRA on embeddings.
+into the base's in place instead of summing two ``(M, in)`` tensors. Layers that read the
+same input (q/k/v, gate/up: the model asks through ``forward_group``) share one node, so
+their ``A`` products are one matmul each way and their input gradients accumulate in one
+buffer. The values are those of the plain expression up to float rounding (tested). The
+layouts are chosen for CPU BLAS; a GPU keeps the per-op path (the one
+``bench/train_cuda.py`` measured). Deliberately left out: DoRA / rsLoRA scaling variants and
+LoRA on embeddings.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class _LoRAFunction(torch.autograd.Function):
         x, a, lora_a, *tensors = ctx.saved_tensors
         per = [tensors[i:i + 5] for i in range(0, len(tensors), 5)]
         want = ctx.needs_input_grad[2:]  # per layer: weight, scales, bias, lora_A, lora_B
-        ga_t = torch.empty(lora_a.shape[0], a.shape[0], dtype=a.dtype, device=a.device)  # (R, M): d loss / d a, transposed
+        # (R, M): d loss / d a, transposed
+        ga_t = torch.empty(lora_a.shape[0], a.shape[0], dtype=a.dtype, device=a.device)
         out: list[Optional[torch.Tensor]] = [None] * len(tensors)
         grad_x, off = None, 0
         for i, ((scaling, bits, group_size), (weight, scales, bias, lora_A, lora_B), grad) in enumerate(

@@ -106,6 +106,24 @@ def test_bf16_model_runs(tmp_path):
         LLM.load("tiny-llama", dtype="float16")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_info_reports_shape_dtype_and_sizes_without_dequantising(monkeypatch, dtype):
+    from lmstack.peft import PEFTConfig, apply_peft
+    from lmstack.quant import QuantEmbedding
+
+    llm = LLM.load("tiny-llama", dtype=dtype)
+    cfg, size = llm.config, 4 if dtype == "float32" else 2
+    info = llm.info()
+    assert info["dtype"] == dtype and info["params"] == llm.model.num_params()
+    assert info["weight_bytes"] == info["params"] * size  # tied table counted once
+    assert info["kv_bytes_per_token"] == 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * size
+    if dtype == "float32":  # a QLoRA model: its dtype is the compute dtype, its quantised table is not expanded
+        apply_peft(llm.model, PEFTConfig(method="qlora", r=4, alpha=8, group_size=32))
+        assert isinstance(llm.model.tok_emb, QuantEmbedding)
+        monkeypatch.setattr(QuantEmbedding, "rows", lambda *a, **k: pytest.fail("info() dequantised the table"))
+        assert llm.info()["dtype"] == "float32"
+
+
 def test_smollm2_answers_the_capital_of_france(smollm2):
     answer = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=30)
     assert "Paris" in answer

@@ -179,7 +179,9 @@ class LLM:
     def info(self) -> dict:
         cfg = self.config
         n = self.model.num_params()
-        p = self.model.output_weight
+        # The compute dtype, read off the final norm: the output projection of a quantised tied
+        # table would be dequantised whole to answer.
+        p = next(self.model.norm.parameters())
         return {
             "arch": cfg.arch, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head,
             "n_embd": cfg.n_embd, "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,

@@ -179,15 +179,13 @@ class LLM:
     def info(self) -> dict:
         cfg = self.config
         n = self.model.num_params()
-        # The compute dtype, read off the final norm: the output projection of a quantised tied
-        # table would be dequantised whole to answer.
-        p = next(self.model.norm.parameters())
+        dt = self.model.dtype  # never the output projection: a quantised tied table would dequantise
         return {
             "arch": cfg.arch, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head,
             "n_embd": cfg.n_embd, "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
             "vocab_size": cfg.vocab_size, "block_size": cfg.block_size, "pos": cfg.pos, "norm": cfg.norm,
-            "mlp": cfg.mlp, "tie_embeddings": cfg.tie_embeddings, "params": n, "dtype": str(p.dtype).replace("torch.", ""),
+            "mlp": cfg.mlp, "tie_embeddings": cfg.tie_embeddings, "params": n, "dtype": str(dt).replace("torch.", ""),
             "weight_bytes": sum(t.numel() * t.element_size() for t in self.model.state_dict().values()),
-            "kv_bytes_per_token": 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * p.element_size(),
+            "kv_bytes_per_token": 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * dt.itemsize,
             "source": self.metadata.get("source"),
         }

@@ -252,6 +252,11 @@ class Transformer(nn.Module):
         projection, which a quantised tied table would dequantise whole to answer)."""
         return next(self.norm.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype, read from the final norm like ``device``."""
+        return next(self.norm.parameters()).dtype
+
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 

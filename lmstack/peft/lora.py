@@ -35,6 +35,15 @@ import torch.nn.functional as F
 from lmstack.errors import UnsupportedError
 
 
+def _base(x: torch.Tensor, weight, scales, bias, bits: Optional[str], group_size: int) -> torch.Tensor:
+    """The frozen layer's own product: dense, or quantised (``lmstack.quant``)."""
+    if bits is None:
+        return F.linear(x, weight, bias)
+    from lmstack.quant.linear import quantized_linear
+
+    return quantized_linear(x, weight, scales, bias, bits, group_size)
+
+
 def _dense(weight, scales, bits: Optional[str], group_size: int, dtype: torch.dtype) -> torch.Tensor:
     if bits is None:
         return weight
@@ -60,11 +69,7 @@ class _LoRAFunction(torch.autograd.Function):
         a = F.linear(x, lora_a).reshape(-1, lora_a.shape[0])  # (M, R)
         outs, off = [], 0
         for (scaling, bits, group_size), (weight, scales, bias, lora_A, lora_B) in zip(layers, per):
-            if bits is None:
-                y = F.linear(x, weight, bias)
-            else:
-                y = x @ _dense(weight, scales, bits, group_size, x.dtype).t()
-                y = y if bias is None else y + bias.to(y.dtype)
+            y = _base(x, weight, scales, bias, bits, group_size)  # no autograd in here: nothing saved
             r = lora_A.shape[0]
             y.view(-1, lora_B.shape[0]).addmm_(a[:, off:off + r], lora_B.t(), alpha=scaling)  # y is ours: in place
             outs.append(y)
@@ -145,11 +150,7 @@ class LoRALinear(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits is None:
-            return F.linear(x, self.weight, self.bias)
-        from lmstack.quant.linear import quantized_linear
-
-        return quantized_linear(x, self.weight, self.scales, self.bias, self.bits, self.group_size)
+        return _base(x, self.weight, getattr(self, "scales", None), self.bias, self.bits, self.group_size)
 
     def _fused(self, x: torch.Tensor) -> bool:
         """Whether this call trains through ``_LoRAFunction`` (see the module docstring)."""

@@ -42,10 +42,10 @@ def harness_vs_raw(model_path: str, n_items: int, batch_size: int, repeat: int, 
     model = LLMModel(llm, batch_size=batch_size)
     gen_task = TaskConfig(name="qa", kind="generative", dataset="qa", chat=True, limit=n_items,
                           metrics=["token_f1"], max_new_tokens=max_new_tokens)
-    from lmstack.eval.tasks import _prompt
+    from lmstack.eval.items import render_prompt
 
     # the harness's own prompt ids (chat template, left truncation), decoded greedily by both sides
-    prompts = [model._prompt_ids(_prompt(gen_task, it), True, max_new_tokens) for it in D.load_qa()[:n_items]]
+    prompts = [model._prompt_ids(render_prompt(gen_task, it), True, max_new_tokens) for it in D.load_qa()[:n_items]]
     params = SamplingParams(max_new_tokens=max_new_tokens)
 
     def raw_generate():

@@ -122,6 +122,8 @@ def main() -> None:
     ap.add_argument("--schema-clients", type=int, default=16, help="concurrency of the constrained-decoding run")
     ap.add_argument("--baseline-requests", type=int, default=4)
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--json-line", action="store_true",
+                    help="end with one JSON line of the figures per client count (for bench/ab.py)")
     a = ap.parse_args()
 
     import torch
@@ -172,6 +174,9 @@ def main() -> None:
             print(f"| {name} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} | {1000 * r['itl_p50']:.0f} | {1000 * r['itl_p95']:.0f} |")
         print(f"\nCost of the grammar (same prompts and output lengths): {100 * cost:.1f}% throughput. "
               f"Unconstrained with free lengths ({a.max_tokens} max tokens): {schema_row['free_tok_s']:.1f} tok/s.")
+    if a.json_line:
+        keep = ("tok_s", "ttft_p50", "ttft_p95", "itl_p50", "itl_p95")
+        print(json.dumps({f"clients_{r['clients']}": {k: r[k] for k in keep} for r in rows}))
 
 
 if __name__ == "__main__":

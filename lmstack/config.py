@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import tempfile
+import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from lmstack.errors import ConfigError
+from lmstack.files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -106,8 +107,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def load_config(cls: type[T], path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> T:
-    """Load a YAML (or JSON) recipe into dataclass ``cls``; ``overrides`` win over the file."""
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping a YAML (or JSON) recipe holds; a missing or malformed file is a ConfigError."""
     import yaml
 
     p = Path(path)
@@ -117,6 +118,14 @@ def load_config(cls: type[T], path: str | os.PathLike, overrides: dict[str, Any]
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of fields at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> T:
+    """Load a YAML (or JSON) recipe into dataclass ``cls``; ``overrides`` win over the file."""
+    data = read_recipe(path)
     data.update(overrides or {})
     return config_from_dict(cls, data)
 
@@ -125,34 +134,6 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     import yaml
 
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any]) -> None:
-    """Call ``write(binary_file)`` so that readers see the old file or the whole new one.
-
-    Writes a temporary file in the same folder, fsyncs it and renames it over ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -176,11 +157,28 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
             parser.add_argument(flag, dest=f.name, type=tp, default=None, help=help_text)
 
 
+def given_flags(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of ``cls`` that were given as flags (those left at None were not)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
 def config_from_args(cls: type[T], args: argparse.Namespace, base: dict[str, Any] | None = None) -> T:
     """Build ``cls`` from ``base`` (e.g. a YAML file's content) plus flags the user gave."""
-    data = dict(base or {})
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    for k, v in vars(args).items():
-        if k in names and v is not None:
-            data[k] = v
-    return config_from_dict(cls, data)
+    return config_from_dict(cls, {**(base or {}), **given_flags(cls, args)})
+
+
+def config_from_recipe(cls: type[T], recipe: str | os.PathLike | None, args: argparse.Namespace,
+                       *, log=None) -> T:
+    """The one way every command merges a recipe and its flags: a flag given wins over the file.
+
+    Each flag that changes a value the recipe set is stated (on stderr by default), so a run
+    never differs from its recipe silently.
+    """
+    base = read_recipe(recipe) if recipe else {}
+    flags = given_flags(cls, args)
+    for k, v in flags.items():
+        if k in base and base[k] != v:
+            msg = f"--{k.replace('_', '-')} {v} overrides the recipe's {k}: {base[k]!r} ({recipe})"
+            (log or (lambda m: print(m, file=sys.stderr)))(msg)
+    return config_from_dict(cls, {**base, **flags})

@@ -169,7 +169,9 @@ def test_other_dtypes_and_mixed_inputs_use_torch(calls):
 
 
 def test_linear_module_keeps_nn_linear_keys_and_results():
-    m = cpu_kernels.Linear(16, 8)
+    from lmstack.model.fast import FastLinear
+
+    m = FastLinear(16, 8)
     assert isinstance(m, torch.nn.Linear) and set(m.state_dict()) == {"weight", "bias"}
     x = torch.randn(2, 1, 16)
     with torch.inference_mode():
@@ -245,3 +247,84 @@ def test_qlora_model_decodes_the_same_tokens_with_and_without_the_int4_kernel(mo
     assert calls[("int4", torch.float32)] >= (7 * 2 + 1) * 11
     monkeypatch.setattr(cpu_kernels, "_lib", False)
     assert generate_ids(model, prompts, params) == with_kernel
+
+
+def test_loading_swaps_in_the_kernel_modules_and_keeps_the_keys(tmp_path, monkeypatch):
+    from lmstack import LLM
+    from lmstack.model import Transformer, fast, preset
+    from lmstack.model.checkpoint import load_checkpoint, save_native
+
+    plain_keys = list(Transformer(preset("tiny-llama")).state_dict())
+    llm = LLM.load("tiny-llama")
+    save_native(llm.model, tmp_path / "m")
+    loaded, _, _ = load_checkpoint(tmp_path / "m")
+    for model in (llm.model, loaded):
+        block = model.blocks[0]
+        assert type(block.attn) is fast.FastAttention and type(block.mlp) is fast.FastMLP
+        assert type(block.attn_norm) is fast.FastRMSNorm and type(model.norm) is fast.FastRMSNorm
+        assert all(type(getattr(block.attn, f"{p}_proj")) is fast.FastLinear for p in "qkvo")
+        assert type(model.tok_emb) is fast.FastEmbedding
+        assert list(model.state_dict()) == plain_keys
+    fast.uninstall(loaded)
+    assert type(loaded.blocks[0].attn).__name__ == "Attention" and type(loaded.tok_emb) is torch.nn.Embedding
+    assert list(loaded.state_dict()) == plain_keys
+    monkeypatch.setattr(cpu_kernels, "_lib", False)  # no kernel: nothing is swapped
+    again, _, _ = load_checkpoint(tmp_path / "m")
+    assert not any(type(m).__module__ == fast.__name__ for m in again.modules())
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2"])
+def test_swapped_modules_decode_the_same_tokens_as_the_reference(calls, name):
+    import copy
+
+    from lmstack.infer import SamplingParams, generate_ids
+    from lmstack.model import Transformer, fast, preset
+
+    torch.manual_seed(0)
+    plain = Transformer(preset(name)).eval()
+    swapped = fast.install(copy.deepcopy(plain))
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16], [3, 4]]
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    reference = generate_ids(plain, prompts, params)
+    assert calls == {}  # the reference never calls a kernel
+    assert generate_ids(swapped, prompts, params) == reference
+    assert ("linear", torch.float32) in calls and ("group", torch.float32) in calls
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "prefix", "adapter"])
+def test_peft_swaps_compose_with_the_kernel_modules(method):
+    import copy
+
+    from lmstack import LLM
+    from lmstack.infer import SamplingParams, generate_ids
+    from lmstack.model import fast
+    from lmstack.peft import PEFTConfig, apply_peft, peft_state_dict
+
+    llm = LLM.load("tiny-llama")
+    plain = fast.uninstall(copy.deepcopy(llm.model))
+    cfg = PEFTConfig(method=method, r=4, alpha=8, group_size=32, n_prefix=4, adapter_size=8)
+    models = [apply_peft(m, cfg).eval() for m in (llm.model, plain)]
+    for m in models:
+        torch.manual_seed(1)
+        for p in peft_state_dict(m).values():  # adapters that change the output
+            p.data.normal_(std=0.05)
+    assert list(models[0].state_dict()) == list(models[1].state_dict())
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompts = [[5, 9, 2, 44], [7, 7]]
+    assert generate_ids(models[0], prompts, params) == generate_ids(models[1], prompts, params)
+
+
+def test_a_merged_lora_model_keeps_the_kernels_its_base_had():
+    import copy
+
+    from lmstack import LLM
+    from lmstack.model import fast
+    from lmstack.peft import PEFTConfig, apply_peft
+    from lmstack.peft.core import merge_and_unload
+
+    llm = LLM.load("tiny-llama")
+    plain = fast.uninstall(copy.deepcopy(llm.model))
+    swapped = merge_and_unload(apply_peft(llm.model, PEFTConfig(method="lora", r=4, alpha=8)))
+    assert all(type(getattr(swapped.blocks[0].attn, f"{p}_proj")) is fast.FastLinear for p in "qkvo")
+    unswapped = merge_and_unload(apply_peft(plain, PEFTConfig(method="lora", r=4, alpha=8)))
+    assert not fast.installed(unswapped)  # a reference model stays the reference

@@ -11,10 +11,11 @@ from lmstack.config import config_from_dict, load_config
 from lmstack.errors import ConfigError
 from lmstack.eval import datasets as D
 from lmstack.eval.gates import check_gates, parse_gate
+from lmstack.eval.judges import parse_judge_score
 from lmstack.eval.report import EvalReport, apply_gates, load_report, run_suite
 from lmstack.eval.scoring import score
 from lmstack.eval.stats import bootstrap_corpus_ci, bootstrap_mean_ci
-from lmstack.eval.tasks import SuiteConfig, TaskConfig, parse_judge_score, run_task
+from lmstack.eval.tasks import SuiteConfig, TaskConfig, run_task
 
 SUITES = Path(__file__).resolve().parents[1] / "lmstack" / "eval" / "suites"
 
@@ -119,6 +120,15 @@ def test_task_config_errors_are_specific():
 
 
 # --- bootstrap ------------------------------------------------------------------------------
+
+def test_an_unknown_kind_names_the_known_ones():
+    from lmstack.eval.kinds import KINDS
+
+    with pytest.raises(ConfigError, match=r"task 't': kind 'qa' is not a task kind; expected one of "
+                                          r"\['multiple_choice', 'generative', .*'gpt_score'\]"):
+        config_from_dict(SuiteConfig, {"name": "s", "tasks": [{"name": "t", "kind": "qa", "dataset": "qa"}]})
+    assert len(KINDS) == 11 and all(callable(k.run) and k.reads for k in KINDS.values())
+
 
 def test_bootstrap_mean_interval_has_the_textbook_width():
     rng = np.random.default_rng(1)
@@ -230,7 +240,7 @@ def test_cli_code_canonical_on_shipped_set(capsys):
 def test_llm_adapter_loglikelihood_sums_continuation_logprobs():
     import torch
 
-    from lmstack.eval.tasks import LLMModel
+    from lmstack.eval.models import LLMModel
     from lmstack.infer import LLM
 
     llm = LLM.load("tiny-llama")

@@ -8,12 +8,14 @@ import pytest
 from lmstack.cli.main import main
 from lmstack.errors import ConfigError
 from lmstack.eval import datasets as D
-from lmstack.eval.cache import OutputCache
+from lmstack.eval.cache import OutputCache, cache_key, cached_map
+from lmstack.eval.calls import items_done
+from lmstack.eval.kinds import mc_scores
 from lmstack.eval.models import LLMModel, OpenAIModel
 from lmstack.eval.report import EvalReport, compare_reports, load_report
 from lmstack.eval.scoring import MetricValue
 from lmstack.eval.stats import paired_bootstrap, permutation_test
-from lmstack.eval.tasks import TaskConfig, TaskResult, mc_scores, run_task
+from lmstack.eval.tasks import TaskConfig, TaskResult, run_task
 from lmstack.infer import LLM
 
 
@@ -65,13 +67,32 @@ def test_rerun_after_a_kill_recomputes_nothing_cached(tiny, tmp_path):
 
 def test_sampled_rows_do_not_depend_on_the_batch(tiny):
     prompts = ["Once upon a time", "The capital of", "x"]
-    from lmstack.eval.tasks import generate_all
+    from lmstack.eval.calls import generate_all
 
     one = LLMModel(tiny.llm, batch_size=1)
     a = generate_all(tiny, prompts, 6, 0.9, False, OutputCache(None), seed=3)
     b = generate_all(one, prompts, 6, 0.9, False, OutputCache(None), seed=3)
     c = generate_all(one, prompts, 6, 0.9, False, OutputCache(None), seed=4)
     assert a == b and a != c
+
+
+def test_progress_counts_an_item_when_its_last_request_is_done():
+    class Bar:
+        def __init__(self):
+            self.steps = []
+
+        def update(self, n):
+            self.steps.append(n)
+
+    cache = OutputCache(None)
+    cache.put_many({cache_key("m", "k", {"x": 0}): 0})
+    # item 0 asks x=0 (cached) and x=1; item 1 asks x=1 again and x=2; item 2 asks x=3
+    payloads, item_of = [{"x": 0}, {"x": 1}, {"x": 1}, {"x": 2}, {"x": 3}], [0, 0, 1, 1, 2]
+    batches, bar = [], Bar()
+    values = cached_map(cache, "m", "k", payloads, lambda b: batches.append(b) or [p["x"] for p in b], 2,
+                        items_done(bar, item_of))
+    assert values == [0, 1, 1, 2, 3] and batches == [[{"x": 1}, {"x": 2}], [{"x": 3}]]
+    assert bar.steps == [0, 2, 1]  # nothing done from the cache alone; x=1 finishes items 0 and 1 at once
 
 
 def test_mc_scores_acc_and_byte_length_normalised():

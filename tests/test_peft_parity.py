@@ -9,7 +9,7 @@ from lmstack.model import Transformer, preset
 from lmstack.peft import LoRALinear, PEFTConfig, apply_peft, merge_and_unload
 
 pytest.importorskip("transformers")
-peft = pytest.importorskip("peft", reason="parity needs `pip install peft` (the train extra)")
+peft = pytest.importorskip("peft", reason="parity needs `pip install peft` (the test extra)")
 
 HF_NAMES = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
             "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",

@@ -203,3 +203,64 @@ def test_client_disconnect_closes_the_upstream_stream(servers):
     assert up.backend.engine.stats()["running"] == 0
     assert up.backend.engine.tokens_generated < 200  # stopped long before max_tokens
     assert px.backend.stats()["running"] == 0
+
+
+class _ReasoningUpstream:
+    """An OpenAI-compatible upstream that answers with a field lmstack has no name for
+    (``reasoning_content``, as reasoning models served by vLLM send it)."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if body.get("stream"):
+                    pieces = [{"role": "assistant", "reasoning_content": "think "},
+                              {"reasoning_content": "hard"}, {"content": "4"}]
+                    data = "".join(
+                        "data: " + json.dumps({"id": "u", "object": "chat.completion.chunk", "created": 1,
+                                               "model": "u", "choices": [{"index": 0, "delta": d, "finish_reason":
+                                                                          "stop" if k == 2 else None}]}) + "\n\n"
+                        for k, d in enumerate(pieces)) + "data: [DONE]\n\n"
+                    ctype = "text/event-stream"
+                else:
+                    data = json.dumps({"id": "u", "object": "chat.completion", "created": 1, "model": "u",
+                                       "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                           "role": "assistant", "content": "4", "reasoning_content": "think hard"}}],
+                                       "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+                    ctype = "application/json"
+                raw = data.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_message_fields_without_a_name_in_lmstack_are_relayed(servers):
+    with _ReasoningUpstream() as up:
+        px = servers(upstream=up.url, port=0)
+        c = client(px)
+        msgs = [{"role": "user", "content": "2+2?"}]
+        whole = c.chat.completions.create(model="m", messages=msgs)
+        assert whole.choices[0].message.content == "4"
+        assert whole.choices[0].message.model_extra["reasoning_content"] == "think hard"
+        chunks = list(c.chat.completions.create(model="m", messages=msgs, stream=True))
+        reasoning = "".join((ch.choices[0].delta.model_extra or {}).get("reasoning_content", "")
+                            for ch in chunks if ch.choices)
+        assert reasoning == "think hard"
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "4"

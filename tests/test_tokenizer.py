@@ -45,7 +45,7 @@ def sentencepiece_bpe() -> object:
     """A Llama-style BPE: "▁" for spaces, a "▁" prefix, <0xNN> byte fallback for characters
     outside its small alphabet, and a decoder that strips the prefix space."""
     from tokenizers import Tokenizer as HF
-    from tokenizers import decoders, models, normalizers, trainers
+    from tokenizers import models, normalizers, trainers
 
     hf = HF(models.BPE(unk_token="<unk>"))
     hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])

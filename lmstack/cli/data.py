@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
-    from lmstack.config import load_config
+    from lmstack.config import config_from_recipe
     from lmstack.data.pipeline import PrepareConfig, prepare
 
-    names = {f.name for f in dataclasses.fields(PrepareConfig)}
-    overrides = {k: v for k, v in vars(a).items() if k in names and v is not None}
-    cfg = load_config(PrepareConfig, a.config, overrides=overrides)
+    cfg = config_from_recipe(PrepareConfig, a.config, a)
     report = prepare(cfg)
     steps = report["steps"]
     print(f"{cfg.output}: {steps['read']['docs_in']:,} documents read, "

@@ -114,7 +114,7 @@ def _gate(args) -> int:
 def _run(args) -> int:
     from lmstack.config import load_config
     from lmstack.eval.report import run_suite
-    from lmstack.eval.tasks import LLMModel, SuiteConfig
+    from lmstack.eval.tasks import SuiteConfig
 
     suite = load_config(SuiteConfig, args.suite)
     if args.baseline:
@@ -126,7 +126,7 @@ def _run(args) -> int:
     from pathlib import Path
 
     from lmstack.eval.cache import OutputCache
-    from lmstack.eval.models import load_model
+    from lmstack.eval.models import LLMModel, load_model
 
     model = load_model(args.model, args.adapter, args.base_url, args.api_key or os.environ.get("OPENAI_API_KEY"),
                        args.batch_size)

@@ -10,8 +10,17 @@ import sys
 from lmstack.errors import LMStackError
 
 
+class _Parser(argparse.ArgumentParser):
+    """No prefix matching of long flags (``--max-step`` is not ``--max-steps``), in every
+    sub-command: ``add_subparsers`` builds its parsers with this same class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmstack",
         description="The LLM lifecycle on one model core. `lmstack <stage> <verb> --help` for details.",
     )

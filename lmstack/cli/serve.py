@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmstack.config import add_config_args, config_from_args, load_config
+from lmstack.config import add_config_args, config_from_recipe
 
 
 def register(sub) -> None:
@@ -22,9 +22,4 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from lmstack.serve.config import ServeConfig
     from lmstack.serve.server import serve
 
-    base = {}
-    if a.config:
-        from dataclasses import asdict
-
-        base = asdict(load_config(ServeConfig, a.config))
-    return serve(config_from_args(ServeConfig, a, base))
+    return serve(config_from_recipe(ServeConfig, a.config, a))

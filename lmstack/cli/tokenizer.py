@@ -49,10 +49,10 @@ def _add_input_args(p: argparse.ArgumentParser, default_split: str) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from lmstack.config import config_from_args
+    from lmstack.config import config_from_recipe
     from lmstack.tokenizer.train import TokenizerTrainConfig, train_tokenizer
 
-    cfg = config_from_args(TokenizerTrainConfig, a)
+    cfg = config_from_recipe(TokenizerTrainConfig, a.config, a)
     tok = train_tokenizer(_input_texts(a), cfg, show_progress=True)
     tok.save(a.output)
     print(f"{a.output}: vocab_size {tok.vocab_size}, eos {tok.eos_token!r} (id {tok.eos_token_id}), "
@@ -61,7 +61,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from lmstack.config import atomic_write_text
+    from lmstack.files import atomic_write_text
     from lmstack.tokenizer.evaluate import compare, format_table, reference_encoders
     from lmstack.tokenizer.tokenizer import Tokenizer
 
@@ -90,6 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="verb", metavar="<verb>")
     pt = sub.add_parser("train", help="train a byte-level BPE tokenizer (saves tokenizer.json)")
     pt.add_argument("--output", required=True, help="folder for tokenizer.json + tokenizer_config.json")
+    pt.add_argument("--config", default=None, help="YAML file of TokenizerTrainConfig fields (flags override it)")
     _add_input_args(pt, "train")
     add_config_args(pt, TokenizerTrainConfig)
     pt.set_defaults(func=cmd_train)

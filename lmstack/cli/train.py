@@ -26,23 +26,20 @@ def register(subparsers) -> None:
 
 
 def _config(args):
-    import yaml
+    import sys
 
-    from lmstack.config import config_from_args
+    from lmstack.config import config_from_recipe, given_flags
     from lmstack.errors import ConfigError
 
-    base = {}
-    if args.config:
-        from pathlib import Path
-
-        p = Path(args.config)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p} (expected a YAML recipe, e.g. recipes/train/sft-lora.yaml)")
-        try:
-            base = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return config_from_args(args.config_cls, args, base)
+    cfg = config_from_recipe(args.config_cls, args.config, args)
+    flags = given_flags(args.config_cls, args)
+    if getattr(cfg, "epochs", 0) > 0 and "max_steps" in flags:
+        # epochs sets max_steps when the run starts; a --max-steps typed here must still win
+        if "epochs" in flags:
+            raise ConfigError(f"got --max-steps {cfg.max_steps} and --epochs {cfg.epochs}; expected one of them")
+        print(f"--max-steps {cfg.max_steps} replaces the recipe's epochs: {cfg.epochs}", file=sys.stderr)
+        cfg.epochs = 0.0
+    return cfg
 
 
 def _pretrain(args) -> int:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmstack.config import atomic_write_text, config_from_dict
+from lmstack.config import config_from_dict
 from lmstack.data.clean import CleanConfig, Scrubber, clean_text
 from lmstack.data.decontam import DecontamConfig, EvalNgrams, load_eval_ngrams
 from lmstack.data.dedup import DedupConfig, ExactIndex, LSHIndex, MinHasher, content_hash
@@ -42,8 +42,9 @@ from lmstack.data.document import Document
 from lmstack.data.filters import QualityConfig, apply_filters
 from lmstack.data.readers import ReadStats, SourceConfig, read_source, validate_source
 from lmstack.data.report import RunReport
-from lmstack.data.shards import FORMAT, VERSION, ShardWriter, file_sha256, token_dtype
+from lmstack.data.shards import FORMAT, VERSION, ShardWriter, token_dtype
 from lmstack.errors import ConfigError
+from lmstack.files import atomic_open, atomic_write_text, file_sha256
 from lmstack.tokenizer.train import TokenizerTrainConfig
 
 # Fields that change how a run goes, not what it produces: a resume may change them.
@@ -220,12 +221,11 @@ def run_documents(cfg: PrepareConfig, out: Path, scrubbers: dict[str, Scrubber] 
     exact, near = ExactIndex(), LSHIndex(cfg.dedup.num_perm, cfg.dedup.threshold, cfg.dedup.verify,
                                          (cfg.dedup.false_positive_weight, cfg.dedup.false_negative_weight))
     report.data["dedup"] = {"bands": near.bands, "rows": near.rows}
-    tmp = out / ".documents.jsonl.partial"
     t_start = time.perf_counter()
     docs_in = chars_in = 0
     bar = _progress(cfg.progress, desc="documents")
     initargs = (cfg.clean, cfg.quality_for(), cfg.dedup, eval_ngrams, scrubbers)
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(out / "documents.jsonl", "w", encoding="utf-8") as f:
         batches = _batches(mix_sources(cfg.sources, stats, cfg.mixture_stop), cfg.batch_docs)
         for results, secs in _pool_map(_docs_task, batches, cfg.workers, _init_docs_worker, initargs):
             for name, s in secs.items():
@@ -249,8 +249,6 @@ def run_documents(cfg: PrepareConfig, out: Path, scrubbers: dict[str, Scrubber] 
                     report.source(doc.source, docs_kept=1, chars_kept=len(text))
             bar.update(len(results))
             bar.set_postfix_str(f"{chars_in / 1e6 / max(time.perf_counter() - t_start, 1e-9):.2f} MB/s")
-        f.flush()
-        os.fsync(f.fileno())
     bar.close()
     report.data["read_errors"] = stats.errors
     report.data["notes"] += stats.notes
@@ -259,7 +257,6 @@ def run_documents(cfg: PrepareConfig, out: Path, scrubbers: dict[str, Scrubber] 
     for name in ("clean", "quality", "exact_dedup", "near_dedup", "decontam"):
         s = report.data["steps"][name]
         _throughput(report, f"{name} (per worker)", s["docs_in"], s["chars_in"], s["seconds"])
-    os.replace(tmp, out / "documents.jsonl")
     return report
 
 

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmstack.config import atomic_write_text
+from lmstack.files import atomic_write_text
 
 STEPS = ("read", "clean", "quality", "exact_dedup", "near_dedup", "decontam", "tokenize")
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from lmstack.config import atomic_write, atomic_write_bytes, atomic_write_text
+from lmstack.files import atomic_write, atomic_write_bytes, atomic_write_text
 from lmstack.errors import ConfigError
 
 FORMAT = "lmstack-token-shards"
@@ -39,14 +39,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> None:
     atomic_write(Path(path), lambda f: np.savez(f, **arrays))
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_name(split: str, index: int) -> str:

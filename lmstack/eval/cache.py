@@ -5,6 +5,10 @@ name), the request kind, the prompt and every sampling parameter, so a changed m
 setting never reuses an old output. Each batch is appended and flushed to disk as soon as it is
 computed: a run killed mid-way loses at most the batch in flight, and a re-run computes nothing
 already cached. A truncated last line (a kill during a write) is ignored.
+
+The file is appended to, not rewritten through ``lmstack.files.atomic_write``: a whole-file
+rename per batch would copy every earlier output again (quadratic in the run), and an append
+cut short by a kill costs only its own line, which the reader skips.
 """
 
 from __future__ import annotations
@@ -60,22 +64,23 @@ class OutputCache:
 
 
 def cached_map(cache: OutputCache, model_id: str, kind: str, payloads: Sequence[dict],
-               compute: Callable[[list[dict]], list[Any]], batch_size: int, progress=None) -> list[Any]:
+               compute: Callable[[list[dict]], list[Any]], batch_size: int,
+               done: Optional[Callable[[list[int]], None]] = None) -> list[Any]:
     """``compute`` over the payloads not yet in ``cache`` (in batches, each saved when done); the
-    values for all payloads, in order. ``progress(n)`` is called with the items finished."""
+    values for all payloads, in order. A payload repeated within the call is computed once.
+    ``done(indices)`` is told which payloads have their value: those already cached, then each
+    batch's (with their repeats)."""
     keys = [cache_key(model_id, kind, p) for p in payloads]
-    todo: list[int] = []
-    seen: set[str] = set()
+    where: dict[str, list[int]] = {}
     for i, k in enumerate(keys):
-        if k not in cache and k not in seen:
-            todo.append(i)
-            seen.add(k)
-    if progress:
-        progress(len(payloads) - len(todo))
+        where.setdefault(k, []).append(i)
+    todo = [idx[0] for k, idx in where.items() if k not in cache]
+    if done:
+        done([i for k, idx in where.items() if k in cache for i in idx])
     for s in range(0, len(todo), batch_size):
         chunk = todo[s: s + batch_size]
         values = compute([payloads[i] for i in chunk])
         cache.put_many({keys[i]: v for i, v in zip(chunk, values)})
-        if progress:
-            progress(len(chunk))
+        if done:
+            done([j for i in chunk for j in where[keys[i]]])
     return [cache.get(k) for k in keys]

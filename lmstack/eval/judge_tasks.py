@@ -1,4 +1,6 @@
-"""Harness task kinds scored by a judge model or by the evaluated model's own probabilities.
+"""Harness task kinds scored by a judge model or by the evaluated model's own probabilities:
+``run_<kind>`` functions (and ``check_<kind>`` for their options) that ``lmstack.eval.kinds``
+lists in ``KINDS``, with the signature and result type described there.
 
 * ``judge``: the judge grades the model's answer 1-5 against the reference (``judge_score`` in
   [0, 1]).
@@ -21,10 +23,11 @@
 * ``gpt_score``: the mean token log-probability of the reference given the task's prompt under
   the evaluated model (GPTScore, ``lm_metrics.gpt_score``); local models only. No judge.
 
-Every judge request goes through ``CachedJudge``: replies (and G-Eval's option probabilities)
-are stored in the output cache, keyed by the judge's identity, the prompt, the sampling
-parameters and the seed, so a re-run after a kill asks the judge nothing it already answered.
-The model's answers and samples go through ``generate_all`` and the same cache.
+Every judge request goes through ``CachedJudge`` (``lmstack.eval.calls``): replies (and
+G-Eval's option probabilities) are stored in the output cache, keyed by the judge's identity,
+the prompt, the sampling parameters and the seed, so a re-run after a kill asks the judge
+nothing it already answered. The model's answers and samples go through ``generate_all`` and
+the same cache.
 
 Judge kinds run once per entry of ``judge_seeds``. An item's score is the mean over the seeds
 whose verdict parsed; an item no seed could score is left out of the task score (never scored
@@ -49,90 +52,20 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from lmstack.errors import ConfigError, UnsupportedError
-from lmstack.eval import datasets as D
 from lmstack.eval import rag_metrics as R
 from lmstack.eval import retrieval
-from lmstack.eval.cache import OutputCache, cached_map
+from lmstack.eval.cache import cached_map
+from lmstack.eval.calls import batch_size, generate_all, generate_answers, items_done, model_id, progress_bar
+from lmstack.eval.items import item_fields, item_id, references, render_prompt, source_of
 from lmstack.eval.judges import (DEFAULT_RUBRIC, GEvalConfig, JudgeCall, dag_judge, g_eval, pairwise, pointwise,
                                  seed_spread, selfcheck_bertscore, selfcheck_ngram, split_sentences, weighted_score)
 from lmstack.eval.lm_metrics import gpt_score
-from lmstack.eval.scoring import MetricValue, from_item_scores
-from lmstack.eval.tasks import (TaskConfig, _batch_size, _fields, _item_id, _model_id, _Progress, _prompt,
-                                _references, generate_all, generate_answers)
+from lmstack.eval.scoring import KindResult, MetricValue, Stats
 
+RAG_METRICS = ("context_precision", "context_recall", "faithfulness", "answer_relevance")
 # a judged item: metric -> value (None: not applicable to this item); None for the whole item
 # when its verdict stayed unparseable
 Row = Optional[dict[str, Optional[float]]]
-
-
-@dataclass
-class Stats:
-    n_resamples: int = 1000
-    alpha: float = 0.05
-    seed: int = 0
-
-    def value(self, scores: Sequence[float]) -> MetricValue:
-        return from_item_scores(scores, self.n_resamples, self.alpha, self.seed)
-
-
-@dataclass
-class KindResult:
-    metrics: dict[str, MetricValue]
-    per_item: dict[str, list[float]]  # only metrics with a score for every item (what `compare` pairs)
-    records: list[dict]
-    key: Optional[str]  # the metric that picks the worst examples
-    notes: list[str] = field(default_factory=list)
-    higher_is_better: bool = True
-
-
-class CachedJudge:
-    """A judge model behind the output cache: ``generate_batch``, ``option_probs`` and
-    ``option_loglikelihoods`` answer from the cache when they can and store what the model
-    computes, batch by batch."""
-
-    def __init__(self, model, cache: OutputCache) -> None:
-        self.model, self.cache = model, cache
-        self.identity = _model_id(model, cache)
-
-    def generate_batch(self, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
-                       seeds: Optional[Sequence[Optional[int]]] = None, chat: bool = False) -> list[str]:
-        seeds = list(seeds) if seeds is not None else [None] * len(prompts)
-        payloads = [{"prompt": p, "chat": chat, "max_new_tokens": max_new_tokens, "temperature": temperature,
-                     "seed": s} for p, s in zip(prompts, seeds)]
-
-        def compute(batch: list[dict]) -> list[str]:
-            ps = [b["prompt"] for b in batch]
-            if hasattr(self.model, "generate_batch"):
-                return self.model.generate_batch(ps, max_new_tokens, temperature, seeds=[b["seed"] for b in batch],
-                                                 chat=chat)
-            ask = self.model.chat if chat else self.model.generate
-            return [ask(p, max_new_tokens, temperature) for p in ps]
-
-        return cached_map(self.cache, self.identity, "judge", payloads, compute, _batch_size(self.model))
-
-    def option_probs(self, prompt: str, options: Sequence[str], chat: bool = True) -> Optional[list[float]]:
-        if not hasattr(self.model, "option_probs"):
-            return None
-        payload = {"prompt": prompt, "options": list(options), "chat": chat}
-        return cached_map(self.cache, self.identity, "option_probs", [payload],
-                          lambda batch: [self.model.option_probs(prompt, options, chat)], 1)[0]
-
-    def option_loglikelihoods(self, prompts: Sequence[str], options: Sequence[str],
-                              chat: bool = True) -> list[list[float]]:
-        payloads = [{"prompt": p, "options": list(options), "chat": chat} for p in prompts]
-
-        def compute(batch: list[dict]) -> list[list[float]]:
-            return self.model.option_loglikelihoods([b["prompt"] for b in batch], options, chat)
-
-        return cached_map(self.cache, self.identity, "option_loglikelihoods", payloads, compute,
-                          _batch_size(self.model))
-
-
-def run_scored_kind(task: TaskConfig, model, judge, items: list, cache: OutputCache, progress: bool,
-                    stats: Stats) -> KindResult:
-    run = {"judge": _pointwise, "pairwise": _pairwise, "g_eval": _g_eval, "dag": _dag, "rag": _rag,
-           "selfcheck": _selfcheck, "gpt_score": _gpt_score}[task.kind]
-    return run(task, model, CachedJudge(judge, cache) if judge is not None else None, items, cache, progress, stats)
 
 
 # -- judges over seeds -----------------------------------------------------------------------
@@ -160,13 +93,13 @@ class Judged:
     margins: list[float] = field(default_factory=list)  # likelihood mode: every verdict's margin
 
 
-def judge_seeds(task: TaskConfig) -> list[int]:
+def judge_seeds(task) -> list[int]:
     """The seeds the judge runs with: all of ``judge_seeds``, or the first alone for likelihood
     verdicts, which no seed changes."""
     return task.judge_seeds[:1] if task.judge_mode == "likelihood" else list(task.judge_seeds)
 
 
-def over_seeds(task: TaskConfig, n_items: int, names: Sequence[str], primary: str,
+def over_seeds(task, n_items: int, names: Sequence[str], primary: str,
                run_one: Callable[[int], SeedRun]) -> Judged:
     """``run_one(seed)`` once per judge seed (see ``judge_seeds``)."""
     out = Judged({m: [[] for _ in range(n_items)] for m in names}, [[] for _ in range(n_items)], 0, 0, [])
@@ -186,7 +119,7 @@ def over_seeds(task: TaskConfig, n_items: int, names: Sequence[str], primary: st
     return out
 
 
-def judged_metrics(task: TaskConfig, judged: Judged, primary: str,
+def judged_metrics(task, judged: Judged, primary: str,
                    stats: Stats) -> tuple[dict[str, MetricValue], dict[str, list[float]], list[str]]:
     """Task metrics from per-item means over seeds, the error count and the spread across seeds."""
     metrics: dict[str, MetricValue] = {}
@@ -235,13 +168,18 @@ def _item_scores(judged: Judged, i: int) -> dict[str, float]:
     return {m: sum(v[i]) / len(v[i]) for m, v in judged.scores.items() if v[i]}
 
 
-def _answered(task: TaskConfig, model, items: list, cache: OutputCache, progress: bool):
+def _answered(task, model, items: list, cache, progress: bool):
     """(prompts, the model's answers, the first reference) per item."""
     prompts, preds = generate_answers(task, model, items, cache, progress)
-    return prompts, preds, [_references(it)[0] for it in items]
+    return prompts, preds, [references(it)[0] for it in items]
 
 
-def _judged_result(task: TaskConfig, judged: Judged, primary: str, stats: Stats, records: list[dict],
+def _answer_records(items: list, prompts: Sequence[str], preds: Sequence[str]) -> list[dict]:
+    return [{"id": item_id(it), "prompt": p, "prediction": y, "references": references(it)}
+            for it, p, y in zip(items, prompts, preds)]
+
+
+def _judged_result(task, judged: Judged, primary: str, stats: Stats, records: list[dict],
                    notes: Sequence[str] = ()) -> KindResult:
     metrics, per_item, judge_notes = judged_metrics(task, judged, primary, stats)
     for i, r in enumerate(records):
@@ -252,7 +190,7 @@ def _judged_result(task: TaskConfig, judged: Judged, primary: str, stats: Stats,
 
 # -- the kinds -------------------------------------------------------------------------------
 
-def _pointwise(task, model, judge, items, cache, progress, stats) -> KindResult:
+def run_judge(task, model, judge, items, cache, progress, stats) -> KindResult:
     prompts, preds, refs = _answered(task, model, items, cache, progress)
 
     def one(seed):
@@ -268,15 +206,14 @@ def _pointwise(task, model, judge, items, cache, progress, stats) -> KindResult:
                        _margins(calls))
 
     judged = over_seeds(task, len(items), ["judge_score", "judge_score_weighted"], "judge_score", one)
-    records = [{"id": _item_id(it), "prompt": p, "prediction": y, "references": _references(it)}
-               for it, p, y in zip(items, prompts, preds)]
+    records = _answer_records(items, prompts, preds)
     return _judged_result(task, judged, "judge_score", stats, records)
 
 
 _WIN = {"1": 1.0, "2": 0.0, "tie": 0.5}
 
 
-def _pairwise(task, model, judge, items, cache, progress, stats) -> KindResult:
+def run_pairwise(task, model, judge, items, cache, progress, stats) -> KindResult:
     if task.dataset_type == "pairwise":
         questions = [it.question for it in items]
         first, second, labels = [it.answer_1 for it in items], [it.answer_2 for it in items], [it.label for it in items]
@@ -298,25 +235,22 @@ def _pairwise(task, model, judge, items, cache, progress, stats) -> KindResult:
         return SeedRun(rows, details, s.n_errors, s.n, [m for v in s.verdicts for m in v.margins or ()])
 
     judged = over_seeds(task, len(items), ["win_rate", "agreement", "position_bias"], "win_rate", one)
-    records = [{"id": _item_id(it), "prompt": q, "prediction": a, "references": [b], "label": lab}
+    records = [{"id": item_id(it), "prompt": q, "prediction": a, "references": [b], "label": lab}
                for it, q, a, b, lab in zip(items, questions, first, second, labels)]
     return _judged_result(task, judged, "win_rate", stats, records)
 
 
-def _source(item) -> str:
-    """What G-Eval shows the judge as the source: the document, the source sentence, or the
-    question with its passage."""
-    if isinstance(item, D.SummarizationItem):
-        return item.document
-    if isinstance(item, D.TranslationItem):
-        return item.source
-    return f"{item.context}\n\nQuestion: {item.question}" if item.context else item.question
+def check_g_eval(task) -> None:
+    if task.g_eval is None and task.dataset_type != "summarization":
+        raise ConfigError(f"task {task.name!r}: kind 'g_eval' on a {task.dataset_type!r} set needs a 'g_eval' "
+                          "block (criterion, criteria, steps, source_kind, output_kind); the default one rates "
+                          "the coherence of summaries")
 
 
-def _g_eval(task, model, judge, items, cache, progress, stats) -> KindResult:
+def run_g_eval(task, model, judge, items, cache, progress, stats) -> KindResult:
     prompts, preds, _ = _answered(task, model, items, cache, progress)
     cfg = task.g_eval or GEvalConfig()
-    sources = [_source(it) for it in items]
+    sources = [source_of(it) for it in items]
 
     def one(seed):
         calls = g_eval(judge, sources, preds, cfg, seed=seed, chat=task.chat, temperature=task.judge_temperature,
@@ -334,8 +268,7 @@ def _g_eval(task, model, judge, items, cache, progress, stats) -> KindResult:
         weighted = modes.count("probabilities")
         note = (f"g_eval: {weighted} of {len(modes)} scores weighted by the judge's next-token probabilities of "
                 f"1-5, {len(modes) - weighted} parsed from its reply")
-    records = [{"id": _item_id(it), "prompt": p, "prediction": y, "references": _references(it)}
-               for it, p, y in zip(items, prompts, preds)]
+    records = _answer_records(items, prompts, preds)
     return _judged_result(task, judged, "g_eval", stats, records, [note])
 
 
@@ -345,9 +278,15 @@ def _g_eval_mode(c: JudgeCall) -> str:
     return "parsed" if c.probs is None else "probabilities"
 
 
-def _dag(task, model, judge, items, cache, progress, stats) -> KindResult:
+def check_dag(task) -> None:
+    if task.dag is None:
+        raise ConfigError(f"task {task.name!r}: kind 'dag' needs a 'dag' block: {{root: <node id>, nodes: "
+                          "[{id, question, if_yes, if_no}, ...]}")
+
+
+def run_dag(task, model, judge, items, cache, progress, stats) -> KindResult:
     prompts, preds, refs = _answered(task, model, items, cache, progress)
-    fields = [{**_fields(it), "prompt": p, "answer": y, "reference": r}
+    fields = [{**item_fields(it), "prompt": p, "answer": y, "reference": r}
               for it, p, y, r in zip(items, prompts, preds, refs)]
     for node in task.dag.nodes if fields else []:
         try:
@@ -366,12 +305,21 @@ def _dag(task, model, judge, items, cache, progress, stats) -> KindResult:
                        [m for o in out for m in o.margins])
 
     judged = over_seeds(task, len(items), ["dag_score"], "dag_score", one)
-    records = [{"id": _item_id(it), "prompt": p, "prediction": y, "references": _references(it)}
-               for it, p, y in zip(items, prompts, preds)]
+    records = _answer_records(items, prompts, preds)
     return _judged_result(task, judged, "dag_score", stats, records)
 
 
-def _rag(task, model, judge, items, cache, progress, stats) -> KindResult:
+def check_rag(task) -> None:
+    task.metrics = task.metrics or list(RAG_METRICS)
+    unknown = [m for m in task.metrics if m not in RAG_METRICS]
+    if unknown:
+        raise ConfigError(f"task {task.name!r}: metrics {unknown} are not RAG metrics; expected some of "
+                          f"{list(RAG_METRICS)} (retrieval metrics are always reported)")
+    if not task.ks or any(k < 1 for k in task.ks):
+        raise ConfigError(f"task {task.name!r}: ks={task.ks}, expected retrieval cut-offs >= 1, e.g. [1, 3]")
+
+
+def run_rag(task, model, judge, items, cache, progress, stats) -> KindResult:
     if task.answer_source == "dataset":
         missing = [it.id for it in items if not it.answer]
         if missing:
@@ -410,7 +358,7 @@ def _rag(task, model, judge, items, cache, progress, stats) -> KindResult:
 
     primary = "faithfulness" if "faithfulness" in task.metrics else task.metrics[0]
     judged = over_seeds(task, len(items), task.metrics, primary, one)
-    records = [{"id": _item_id(it), "prompt": p, "prediction": a, "references": [it.reference],
+    records = [{"id": item_id(it), "prompt": p, "prediction": a, "references": [it.reference],
                 "retrieved": it.context_ids, "gold_ids": it.gold_ids} for it, p, a in zip(items, prompts, answers)]
     empty = sum(not split_sentences(a) for a in answers)
     notes = [f"rag: {empty} answers have no sentence to check; left out of faithfulness"] \
@@ -430,13 +378,22 @@ def _rag_detail(score: R.RAGScore) -> dict:
     return {"verdicts": score.verdicts, "errors": score.errors, **({"margins": score.margins} if score.margins else {})}
 
 
-def _selfcheck(task, model, judge, items, cache, progress, stats) -> KindResult:
+def check_selfcheck(task) -> None:
+    if task.n_samples < 2:
+        raise ConfigError(f"task {task.name!r}: kind 'selfcheck' needs n_samples >= 2 sampled answers to check "
+                          f"the answer against, got {task.n_samples}")
+    if task.sample_temperature <= 0:
+        raise ConfigError(f"task {task.name!r}: sample_temperature={task.sample_temperature}, expected > 0 "
+                          "(greedy samples would all repeat the answer)")
+
+
+def run_selfcheck(task, model, judge, items, cache, progress, stats) -> KindResult:
     prompts, preds = generate_answers(task, model, items, cache, progress)
     n = task.n_samples
-    bar = _Progress(len(prompts) * n, f"{task.name} samples", progress)
-    flat = generate_all(model, [p for p in prompts for _ in range(n)], task.max_new_tokens, task.sample_temperature,
-                        task.chat, cache, task.seed, [k for _ in prompts for k in range(n)], bar)
-    bar.close()
+    with progress_bar(len(items), f"{task.name} samples", progress) as bar:
+        flat = generate_all(model, [p for p in prompts for _ in range(n)], task.max_new_tokens,
+                            task.sample_temperature, task.chat, cache, task.seed,
+                            [k for _ in prompts for k in range(n)], bar, [i for i in range(len(prompts)) for _ in range(n)])
     samples = [[s.strip() for s in flat[i * n: (i + 1) * n]] for i in range(len(prompts))]
     sentences = [split_sentences(y) for y in preds]
     if task.variant == "ngram":
@@ -449,7 +406,7 @@ def _selfcheck(task, model, judge, items, cache, progress, stats) -> KindResult:
     ok = [v for v in scored if v is not None]
     notes = [f"selfcheck: {len(prompts) - len(ok)} empty answers have no sentence to check; left out"] \
         if len(ok) < len(prompts) else []
-    records = [{"id": _item_id(it), "prompt": p, "prediction": y, "references": _references(it), "samples": smp,
+    records = [{"id": item_id(it), "prompt": p, "prediction": y, "references": references(it), "samples": smp,
                 "sentence_scores": v, "scores": {} if sc is None else {name: sc}}
                for it, p, y, smp, v, sc in zip(items, prompts, preds, samples, per_sentence, scored)]
     return KindResult({name: stats.value(ok)}, {name: ok} if len(ok) == len(prompts) else {}, records, name, notes,
@@ -465,25 +422,24 @@ def _bertscore_f1() -> Callable[[list[str], list[str]], list[float]]:
     return lambda preds, refs: bertscore_scores(preds, refs, encoder)["f1"]
 
 
-def _gpt_score(task, model, judge, items, cache, progress, stats) -> KindResult:
+def run_gpt_score(task, model, judge, items, cache, progress, stats) -> KindResult:
     llm = getattr(model, "llm", None)
     if llm is None:
         raise UnsupportedError(f"task {task.name!r}: gpt_score needs a local model (an endpoint gives no "
                                "prompt log-probabilities through the chat API)")
-    prompts = [_prompt(task, it) for it in items]
-    outputs = [_references(it)[0] for it in items]
+    prompts = [render_prompt(task, it) for it in items]
+    outputs = [references(it)[0] for it in items]
     # the output follows the prompt after a space, as an answer would be generated
     payloads = [{"context": p, "continuation": o if p.endswith((" ", "\n")) else " " + o}
                 for p, o in zip(prompts, outputs)]
 
     def compute(batch: list[dict]) -> list[float]:
         return gpt_score(llm, [b["context"] for b in batch], [b["continuation"] for b in batch], "{source}",
-                         _batch_size(model))
+                         batch_size(model))
 
-    bar = _Progress(len(payloads), task.name, progress)
-    values = cached_map(cache, _model_id(model, cache), "gpt_score", payloads, compute,
-                        max(_batch_size(model), 16), bar)
-    bar.close()
-    records = [{"id": _item_id(it), "prompt": p, "references": [o], "scores": {"gpt_score": v}}
+    with progress_bar(len(items), task.name, progress) as bar:
+        values = cached_map(cache, model_id(model, cache), "gpt_score", payloads, compute,
+                            max(batch_size(model), 16), items_done(bar, range(len(payloads))))
+    records = [{"id": item_id(it), "prompt": p, "references": [o], "scores": {"gpt_score": v}}
                for it, p, o, v in zip(items, prompts, outputs, values)]
     return KindResult({"gpt_score": stats.value(values)}, {"gpt_score": values}, records, "gpt_score")

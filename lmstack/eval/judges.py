@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional, Sequence, Union, get_args
 
 from lmstack.errors import ConfigError
+from lmstack.eval.models import generate_texts
 
 
 JudgeMode = Literal["generate", "likelihood"]
@@ -52,13 +53,6 @@ class JudgeCall:
     margin: Optional[float] = None  # likelihood verdicts: log p(best value) - log p(second best)
 
 
-def _generate(model, prompts: list[str], max_new_tokens: int, temperature: float, seed: int, chat: bool) -> list[str]:
-    if hasattr(model, "generate_batch"):
-        return model.generate_batch(prompts, max_new_tokens, temperature, seeds=[seed] * len(prompts), chat=chat)
-    ask = model.chat if chat else model.generate
-    return [ask(p, max_new_tokens, temperature) for p in prompts]
-
-
 def ask(model, prompts: Sequence[str], parse: Callable[[str], Optional[object]], seed: int = 0, retries: int = 2,
         chat: bool = True, max_new_tokens: int = 64, temperature: float = 0.0,
         retry_temperature: float = 0.7) -> list[JudgeCall]:
@@ -69,7 +63,8 @@ def ask(model, prompts: Sequence[str], parse: Callable[[str], Optional[object]],
         if not todo:
             break
         temp = temperature if attempt == 0 else max(temperature, retry_temperature)
-        replies = _generate(model, [prompts[i] for i in todo], max_new_tokens, temp, seed + attempt, chat)
+        replies = generate_texts(model, [prompts[i] for i in todo], max_new_tokens, temp, [seed + attempt] * len(todo),
+                                 chat)
         still = []
         for i, reply in zip(todo, replies):
             calls[i].replies.append(reply)
@@ -134,6 +129,12 @@ def parse_score(text: str, low: int = 1, high: int = 5) -> Optional[int]:
     """The first integer in [low, high] in the reply (a bare digit or 'Score: 4'); None if none."""
     m = re.search(rf"\b([{low}-{high}])\b", text)
     return int(m.group(1)) if m else None
+
+
+def parse_judge_score(text: str) -> Optional[float]:
+    """The first grade 1-5 in the judge's reply, mapped to [0, 1] as ``pointwise`` maps it; None when there is none."""
+    grade = parse_score(text)
+    return None if grade is None else (grade - 1) / 4
 
 
 def parse_choice(text: str) -> Optional[str]:
@@ -458,7 +459,7 @@ def selfcheck(model, prompt: str, answer: str, n_samples: int = 5, temperature: 
     them: ``variant`` "ngram" (avg -log p) or "bertscore"."""
     samples = []
     for k in range(n_samples):
-        samples += _generate(model, [prompt], max_new_tokens, temperature, seed + k, chat)
+        samples += generate_texts(model, [prompt], max_new_tokens, temperature, [seed + k], chat)
     sentences = split_sentences(answer)
     if variant == "ngram":
         return [avg for avg, _ in selfcheck_ngram(sentences, samples)]

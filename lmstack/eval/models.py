@@ -35,6 +35,16 @@ class _PerItem:
         return self.loglikelihood_batch([(context, continuation)])[0]
 
 
+def generate_texts(model, prompts: Sequence[str], max_new_tokens: int, temperature: float,
+                   seeds: Optional[Sequence[Optional[int]]] = None, chat: bool = False) -> list[str]:
+    """The model's ``generate_batch``, or for a model with the per-item forms only, its ``chat`` /
+    ``generate`` prompt by prompt (no per-row seeds)."""
+    if hasattr(model, "generate_batch"):
+        return model.generate_batch(list(prompts), max_new_tokens, temperature, seeds=seeds, chat=chat)
+    ask = model.chat if chat else model.generate
+    return [ask(p, max_new_tokens, temperature) for p in prompts]
+
+
 class LLMModel(_PerItem):
     """Adapts ``lmstack.infer.LLM`` to the harness (batched generation and scoring)."""
 

@@ -2,10 +2,10 @@
 and ``report.html`` (per-task scores with bootstrap intervals, worst examples, gates, notes) and
 ``scores.png`` (a bar chart with the intervals; matplotlib, imported when writing).
 
-Files are written atomically (temp file + rename). ``metric_table()`` flattens the report to
-``{"task.metric": value}``, the form gates and baselines compare. ``compare_reports`` pairs two
-runs item by item (same task, same item ids) and tests each per-item metric's difference with
-a paired bootstrap and a permutation test.
+Files are written atomically (``lmstack.files``: temp file, fsync, rename). ``metric_table()``
+flattens the report to ``{"task.metric": value}``, the form gates and baselines compare.
+``compare_reports`` pairs two runs item by item (same task, same item ids) and tests each
+per-item metric's difference with a paired bootstrap and a permutation test.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from lmstack.config import atomic_write_text
 from lmstack.errors import LMStackError
 from lmstack.eval.cache import OutputCache
 from lmstack.eval.gates import GateResult, check_gates
 from lmstack.eval.scoring import MetricValue
 from lmstack.eval.stats import paired_bootstrap, permutation_test
 from lmstack.eval.tasks import Model, SuiteConfig, TaskResult, check_judge, run_task
+from lmstack.files import atomic_write, atomic_write_text
 
 REPORT_VERSION = 2
 # metrics not on a [0, 1] higher-is-better scale, left out of the chart
@@ -131,11 +131,8 @@ class EvalReport:
         ax.set_title(f"{self.suite}: {Path(self.model).name}")
         fig.tight_layout()
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp.png")
-        fig.savefig(tmp, dpi=100)
+        atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
-        os.replace(tmp, out)
         return out
 
     def write(self, out_dir: str | os.PathLike, chart: bool = True) -> tuple[Path, Path]:

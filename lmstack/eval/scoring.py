@@ -3,12 +3,13 @@
 A metric is either *per item* (the task score is the mean of item scores: EM, F1, ROUGE,
 METEOR, BERTScore, accuracy, pass@1 with one sample) or *corpus* (recomputed from all items:
 BLEU, chrF). ``score(names, predictions, references)`` returns a ``MetricValue`` per name,
-with a percentile bootstrap interval.
+with a percentile bootstrap interval. ``KindResult`` is what every task kind returns
+(``lmstack.eval.kinds``), ``Stats`` the interval settings it scores with.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from lmstack.errors import ConfigError
@@ -81,6 +82,30 @@ def from_item_scores(scores: Sequence[float], n_resamples: int = 1000, alpha: fl
     mean = sum(scores) / len(scores) if scores else 0.0
     lo, hi = bootstrap_mean_ci(scores, n_resamples, alpha, seed) if n_resamples else (None, None)
     return MetricValue(mean, lo, hi, len(scores))
+
+
+@dataclass
+class Stats:
+    """A run's bootstrap settings: ``value(scores)`` is the mean of per-item scores with its interval."""
+
+    n_resamples: int = 1000
+    alpha: float = 0.05
+    seed: int = 0
+
+    def value(self, scores: Sequence[float]) -> MetricValue:
+        return from_item_scores(scores, self.n_resamples, self.alpha, self.seed)
+
+
+@dataclass
+class KindResult:
+    """What a task kind scored; ``run_task`` turns it into the report's ``TaskResult``."""
+
+    metrics: dict[str, MetricValue]
+    per_item: dict[str, list[float]]  # only metrics with a score for every item (what `compare` pairs)
+    records: list[dict]  # one per item: id, prompt, prediction, references, "scores", ...
+    key: Optional[str]  # the metric that picks the worst examples
+    notes: list[str] = field(default_factory=list)
+    higher_is_better: bool = True
 
 
 def score(names: Sequence[str], predictions: Sequence[str], references: Sequence, n_resamples: int = 1000,

@@ -54,12 +54,13 @@ class EngineConfig:
     max_queue: int = field(default=64, metadata={"help": "requests waiting for a slot; past it submit() raises QueueFull"})
 
     def __post_init__(self) -> None:
+        cls = type(self).__name__  # ServeConfig extends this one: name the class the user wrote
         for name in ("max_slots", "max_seq_len", "token_budget", "prefill_chunk"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"EngineConfig.{name}: got {v!r}, expected an integer >= 1")
+                raise ConfigError(f"{cls}.{name}: got {v!r}, expected an integer >= 1")
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
-            raise ConfigError(f"EngineConfig.max_queue: got {self.max_queue!r}, expected an integer >= 0")
+            raise ConfigError(f"{cls}.max_queue: got {self.max_queue!r}, expected an integer >= 0")
 
 
 @dataclass

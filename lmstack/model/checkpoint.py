@@ -1,36 +1,34 @@
-"""Checkpoint formats: Hugging Face folders in and out, and lmstack's native folder.
+"""Checkpoint formats: Hugging Face folders in and out, and one entry point for every format.
 
 * Hugging Face folder: ``config.json`` + ``model.safetensors`` (or sharded safetensors with
   ``model.safetensors.index.json``) + ``tokenizer.json`` / ``tokenizer_config.json``, for the
   GPT-2, Llama, Mistral and Qwen2 families.
 * Native folder: ``model.safetensors`` (native keys, see ``model.py``), ``lmstack.json``
   (the ``ModelConfig``), the tokenizer files, and ``metadata.json`` recording where the
-  weights came from.
+  weights came from (``native``, whose names this module re-exports).
+* GGUF file: ``gguf_loader``, which converts it into a native folder once.
 
-Only safetensors and GGUF are read; nothing is ever unpickled. Every write goes to a
-temporary folder that is renamed into place when complete.
+``load_checkpoint`` tells the three apart. Only safetensors and GGUF are read; nothing is ever
+unpickled. Every write goes to a temporary folder that is renamed into place when complete.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Optional
 
 import torch
-import torch.nn as nn
 
 from lmstack.errors import LMStackError, UnsupportedError
+from lmstack.files import atomic_dir
 from lmstack.model.config import ModelConfig
 from lmstack.model.model import Transformer
+from lmstack.model.native import (NATIVE_CONFIG, NATIVE_FORMAT, Convert, build_model, build_model_from,  # noqa: F401
+                                  iter_safetensors, load_native, load_tokenizer, save_native, skip_init,
+                                  state_for_save)
 
-NATIVE_CONFIG = "lmstack.json"
-NATIVE_FORMAT = "lmstack-native-v1"
 SUPPORTED_HF = ("gpt2", "llama", "mistral", "qwen2")
 
 # -- Hugging Face config <-> ModelConfig ----------------------------------------------------
@@ -240,7 +238,7 @@ def native_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
     return out
 
 
-# -- reading and building -------------------------------------------------------------------
+# -- reading ----------------------------------------------------------------------------------
 
 
 def read_safetensors_dir(folder: Path) -> dict[str, torch.Tensor]:
@@ -270,111 +268,6 @@ def safetensors_files(folder: Path) -> list[Path]:
     return [folder / f for f in files]
 
 
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "zeros_", "ones_", "kaiming_uniform_",
-                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
-
-
-@contextlib.contextmanager
-def skip_init():
-    """Build modules without running ``torch.nn.init`` (a checkpoint supplies every tensor).
-
-    On the meta device the init is wasted work, and torch routes it through its reference
-    implementations, which import the whole compiler stack (~65 MiB of RSS, ~1 s).
-    """
-    saved = {n: getattr(nn.init, n) for n in _INIT_FUNCTIONS if hasattr(nn.init, n)}
-    for n in saved:
-        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(nn.init, n, f)
-
-
-Convert = Callable[[nn.Module, str, torch.Tensor], bool]
-"""``convert(model, key, tensor)`` sees each checkpoint tensor as it is read (native key, target
-dtype and device) and returns True when it took the tensor itself, for example by swapping the
-module that owns it for a quantised one (``lmstack.quant.quantizing_loader``)."""
-
-
-def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None,
-                device: str | torch.device = "cpu", convert: Optional[Convert] = None) -> Transformer:
-    """Instantiate without a random init (meta device) and adopt the given tensors."""
-    return build_model_from(cfg, sd.items(), dtype, device, convert)
-
-
-def build_model_from(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]],
-                     dtype: Optional[torch.dtype] = None, device: str | torch.device = "cpu",
-                     convert: Optional[Convert] = None) -> Transformer:
-    """Build the model one ``(native key, tensor)`` at a time, so a stream of tensors read one by
-    one is never all in memory at once. With ``convert``, the tensors it does not take are copied
-    into memory of their own, so no file mapping outlives the load."""
-    with torch.device("meta"), skip_init():
-        model = Transformer(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    seen, unexpected = set(), []
-    target = dtype or torch.float32  # fp16 compute is very slow on CPUs; bf16 stays bf16 only when asked for
-    for key, t in tensors:
-        if key not in expected or key in seen:
-            unexpected.append(key)
-            continue
-        if tuple(t.shape) != expected[key]:
-            raise LMStackError(f"checkpoint tensor {key!r} has shape {tuple(t.shape)}; the model's config "
-                               f"expects {expected[key]}")
-        seen.add(key)
-        src = t
-        t = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
-        if convert is not None:
-            if convert(model, key, t):
-                continue
-            if t is src:
-                t = t.clone()
-        _adopt(model, key, t)
-    missing = set(expected) - seen
-    if missing or unexpected:
-        raise LMStackError(
-            f"checkpoint does not match the config: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
-    if cfg.pos == "rope":
-        from lmstack.model.model import rope_tables
-
-        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
-        model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-    return model.eval()
-
-
-def _adopt(model: nn.Module, key: str, t: torch.Tensor) -> None:
-    """Put ``t`` in place of the (meta) parameter or buffer ``key``, keeping its requires_grad."""
-    prefix, _, name = key.rpartition(".")
-    mod = model.get_submodule(prefix) if prefix else model
-    if name in mod._parameters:
-        mod._parameters[name] = nn.Parameter(t, requires_grad=mod._parameters[name].requires_grad)
-    elif name in mod._buffers:
-        mod._buffers[name] = t
-    else:
-        raise LMStackError(f"checkpoint tensor {key!r} has no parameter or buffer in the model")
-
-
-def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(key, tensor)`` of safetensors files, one at a time, each read through a mapping of its own.
-
-    A single open file would keep every page read so far resident until the last of its tensors
-    is freed; reopening per tensor (cheap: the header is parsed again) lets each one go as soon
-    as the caller drops it, so converting a checkpoint costs about one tensor at a time.
-    """
-    from safetensors import safe_open
-
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            keys = list(h.keys())
-        for k in keys:
-            with safe_open(str(f), framework="pt") as h:
-                t = h.get_tensor(k)
-            yield k, t
-            del t
-
-
 def load_hf(folder: str | os.PathLike, dtype: Optional[torch.dtype] = None, device="cpu",
             convert: Optional[Convert] = None):
     folder = Path(folder)
@@ -390,104 +283,10 @@ def load_hf(folder: str | os.PathLike, dtype: Optional[torch.dtype] = None, devi
         stream = (kv for k, t in iter_safetensors(safetensors_files(folder))
                   for kv in hf_to_native({k: t}, cfg).items())
         model = build_model_from(cfg, stream, dtype, device, convert)
-    return model, _load_tokenizer(folder), {"source": str(folder), "source_format": "huggingface"}
-
-
-def _load_tokenizer(folder: Path):
-    if not (folder / "tokenizer.json").is_file():
-        return None
-    from lmstack.tokenizer import Tokenizer
-
-    return Tokenizer.load(folder)
-
-
-def load_native(folder: str | os.PathLike, dtype: Optional[torch.dtype] = None, device="cpu",
-                convert: Optional[Convert] = None):
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    meta_cfg = json.loads((folder / NATIVE_CONFIG).read_text())
-    if meta_cfg.get("format") != NATIVE_FORMAT:
-        raise UnsupportedError(
-            f"{folder / NATIVE_CONFIG}: format {meta_cfg.get('format')!r}, expected {NATIVE_FORMAT!r}"
-        )
-    cfg = ModelConfig.from_dict(meta_cfg["model"])
-    dtype = dtype or getattr(torch, meta_cfg.get("dtype", "float32"))
-    if convert is None:  # one mapping of the whole file: pages are read when first used
-        model = build_model(cfg, load_file(str(folder / "model.safetensors")), dtype, device)
-    else:
-        model = build_model_from(cfg, iter_safetensors([folder / "model.safetensors"]), dtype, device, convert)
-    meta_path = folder / "metadata.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return model, _load_tokenizer(folder), meta
+    return model, load_tokenizer(folder), {"source": str(folder), "source_format": "huggingface"}
 
 
 # -- writing --------------------------------------------------------------------------------
-
-
-class _AtomicDir:
-    """Build a folder under a temp name next to ``dst``; rename it into place on success."""
-
-    def __init__(self, dst: str | os.PathLike, overwrite: bool = True):
-        self.dst = Path(dst)
-        self.overwrite = overwrite
-
-    def __enter__(self) -> Path:
-        if self.dst.exists() and not self.overwrite:
-            raise LMStackError(f"{self.dst} already exists")
-        self.dst.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.dst.parent, prefix=f".{self.dst.name}.tmp-"))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        for f in self.tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if self.dst.exists():
-            old = self.dst.with_name(f".{self.dst.name}.old-{os.getpid()}")
-            os.replace(self.dst, old)
-            os.replace(self.tmp, self.dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.dst)
-
-
-def _state_for_save(model: Transformer, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
-    sd = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().to("cpu")
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        if not torch.isfinite(v).all():
-            raise LMStackError(f"refusing to save: tensor {k} has non-finite values")
-        sd[k] = v.contiguous()
-    return sd
-
-
-def save_native(model: Transformer, folder: str | os.PathLike, tokenizer=None,
-                metadata: Optional[dict] = None, dtype: Optional[torch.dtype] = None) -> Path:
-    from safetensors.torch import save_file
-
-    from lmstack import __version__
-
-    sd = _state_for_save(model, dtype)
-    stored = str(next(iter(sd.values())).dtype).replace("torch.", "")
-    meta = {
-        "format": NATIVE_FORMAT, "lmstack_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "num_params": model.num_params(), **(metadata or {}),
-    }
-    with _AtomicDir(folder) as tmp:
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        cfg = {"format": NATIVE_FORMAT, "dtype": stored, "model": model.config.to_dict()}
-        (tmp / NATIVE_CONFIG).write_text(json.dumps(cfg, indent=2))
-        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-    return Path(folder)
 
 
 def export_hf(model: Transformer, folder: str | os.PathLike, tokenizer=None,
@@ -497,10 +296,10 @@ def export_hf(model: Transformer, folder: str | os.PathLike, tokenizer=None,
 
     cfg = model.config
     hf_cfg = config_to_hf(cfg, tokenizer)
-    sd = native_to_hf(_state_for_save(model, dtype), cfg)
+    sd = native_to_hf(state_for_save(model, dtype), cfg)
     if dtype is not None:
         hf_cfg["dtype"] = str(dtype).replace("torch.", "")
-    with _AtomicDir(folder) as tmp:
+    with atomic_dir(folder) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         if tokenizer is not None:

@@ -14,7 +14,8 @@ inference-time calls with at most ``MAX_ROWS`` rows go to a small C kernel
   sequence, where torch spends more time dispatching than computing.
 
 The group and fused entry points return ``None`` where the kernel does not apply, and the
-caller runs its ordinary torch code.
+caller runs its ordinary torch code. The model calls none of them itself: ``lmstack.model.fast``
+swaps its modules for kernel-backed subclasses when a checkpoint is loaded.
 
 The kernel is compiled on first use with the system C compiler (``$CC``, else ``cc``) and
 cached under ``$LMSTACK_CACHE/kernels``, keyed by the source, the compiler, the flags and the
@@ -278,11 +279,3 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optio
     rc = _FN["attention"](_BF16[q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                           B, G, R, k.shape[2], D, sb, sg, ss, D ** -0.5, torch.get_num_threads())
     return out if rc == 0 else None
-
-
-class Linear(torch.nn.Linear):
-    """``nn.Linear`` with the same parameters and keys, whose inference-time forward with few
-    rows goes through ``linear``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)

@@ -24,6 +24,7 @@ import torch
 
 from lmstack.errors import ConfigError, LMStackError, UnsupportedError
 from lmstack.model.config import ModelConfig
+from lmstack.model.native import NATIVE_CONFIG, build_model, load_native, save_native
 
 SUPPORTED_GGUF_ARCH = ("llama", "qwen2", "gpt2")
 
@@ -136,11 +137,9 @@ def load_gguf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None, devi
               use_cache: bool = True, convert=None):
     """(model, tokenizer, metadata) from a GGUF file; converts once into the cache folder.
 
-    ``convert`` (see ``lmstack.model.checkpoint.Convert``) applies when the model is read back
+    ``convert`` (see ``lmstack.model.native.Convert``) applies when the model is read back
     from that folder, one tensor at a time; the first conversion holds the whole fp32 model once.
     """
-    from lmstack.model.checkpoint import NATIVE_CONFIG, build_model, load_native, save_native
-
     path = Path(path)
     cached = cache_dir() / "gguf" / f"{path.stem}-{_file_key(path)}"
     if use_cache and (cached / NATIVE_CONFIG).is_file():

@@ -8,6 +8,10 @@ is exactly what it would see alone. ``rollback(n)`` forgets the last ``n`` posit
 speculative decoding: drop rejected draft tokens); stale entries beyond ``lengths`` are
 never attended to and are overwritten by later writes.
 
+A forward uses it as ``begin`` (positions of the new tokens), then per layer ``update``
+(write k/v, read every visible key) and ``attention_mask`` (what the queries may see), then
+``end`` (or ``abort`` if it failed).
+
 Deliberately left out: paging / block tables (the serving engine manages slots on top of
 this), cache quantisation, and eviction policies.
 """
@@ -140,7 +144,23 @@ class KVCache:
             vc.scatter_(2, idx, v)
         return kc[:, :, : st["S"]], vc[:, :, : st["S"]]
 
+    def attention_mask(self) -> tuple[Optional[torch.Tensor], bool]:
+        """How this forward's queries see the keys ``update`` returns: ``(mask, causal)``.
+
+        ``mask`` is ``(B, 1, T, S)`` bool (True = visible), or None when every query sees every
+        key up to its own position without one: one new token per row over equal lengths, or a
+        first forward from empty rows, where ``causal`` says to let SDPA mask causally itself.
+        """
+        st = self._step
+        return st["mask"], st["causal"]
+
     def end(self) -> None:
+        """Count this forward's real tokens (``input_lengths``) into ``lengths``."""
         for b, n in enumerate(self._step["input_lengths"]):
             self.lengths[b] += n
+        self._step = None
+
+    def abort(self) -> None:
+        """Drop a forward that failed after ``begin``: ``lengths`` stay as they were, and the
+        positions it may have written are beyond them, so later writes overwrite them."""
         self._step = None

@@ -15,6 +15,11 @@ serving, speculative decoding). Parameter names are the native checkpoint keys:
 
 Rotary embeddings use the "rotate half" layout of Hugging Face Llama; GGUF's interleaved
 q/k rows are permuted back on load (see ``gguf_loader``).
+
+This file is the plain torch reference. The CPU decoding kernels are not called from here:
+loading a checkpoint swaps modules for kernel-backed subclasses (``lmstack.model.fast``),
+which override ``forward`` of the norms, linears and MLPs and the ``project``/``attend`` steps
+of attention, and fall back to the code below wherever a kernel does not apply.
 """
 
 from __future__ import annotations
@@ -27,8 +32,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmstack.model.config import ModelConfig
-from lmstack.model import cpu_kernels
-from lmstack.model.cpu_kernels import Linear, linear
 from lmstack.model.kv_cache import KVCache
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -42,9 +45,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = cpu_kernels.rms_norm(x, self.weight, self.eps)  # decoding on the CPU: a few rows
-        if y is not None:
-            return y
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and _FUSED_RMS:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one kernel instead of six
         # Normalise in fp32 whatever the compute dtype, as the reference implementations do.
@@ -95,7 +95,8 @@ def sinusoidal_embedding(pos: torch.Tensor, dim: int) -> torch.Tensor:
 def shared_input(layers: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
     """``[m(x) for m in layers]``, computed together where the first layer knows how for all of
     them (a ``forward_group(layers, x)`` method that may decline with None: LoRA layers
-    training on the CPU share one autograd node, ``lmstack.peft.lora``)."""
+    training on the CPU share one autograd node, ``lmstack.peft.lora``; kernel-backed linears
+    decoding on the CPU read the input once, ``lmstack.model.fast``)."""
     group = getattr(layers[0], "forward_group", None)
     out = group(layers, x) if group is not None else None
     return out if out is not None else [m(x) for m in layers]
@@ -105,16 +106,11 @@ def project_qkv(attn: nn.Module, x: torch.Tensor, rope) -> tuple[torch.Tensor, t
     """q ``(B, nh, T, hd)`` and k, v ``(B, nkv, T, hd)`` of ``x`` through ``attn``'s projections,
     with rotary positions applied to q and k. Shared by every attention variant (prefix tuning)."""
     B, T, _ = x.shape
-    qkv = None
-    if type(attn.q_proj) is Linear and type(attn.k_proj) is Linear and type(attn.v_proj) is Linear:
-        # Decoding on the CPU: the three projections in one pass (None where it does not apply).
-        qkv = cpu_kernels.linear_group(x, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
-                                       [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-    q, k, v = qkv if qkv is not None else shared_input([attn.q_proj, attn.k_proj, attn.v_proj], x)
+    q, k, v = shared_input([attn.q_proj, attn.k_proj, attn.v_proj], x)
     q = q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)
     k = k.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
     v = v.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
-    if rope is not None and not (T == 1 and cpu_kernels.rope_(*rope, q, k)):  # in place, both or neither
+    if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     return q, k, v
 
@@ -125,19 +121,22 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         qkv_bias = cfg.bias or cfg.qkv_bias
-        self.q_proj = Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
-        self.k_proj = Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
-        self.v_proj = Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
-        self.o_proj = Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.sliding_window = cfg.sliding_window
+
+    def project(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of ``x`` with rotary positions applied (``project_qkv``)."""
+        return project_qkv(self, x, rope)
 
     def forward(self, x, rope, cache: Optional[KVCache], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = project_qkv(self, x, rope)  # (B, nh, T, hd), (B, nkv, T, hd) x 2
+        q, k, v = self.project(x, rope)  # (B, nh, T, hd), (B, nkv, T, hd) x 2
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
-            st = cache._step
-            mask, causal = st["mask"], st["causal"]
+            mask, causal = cache.attention_mask()
         elif mask is not None:  # packed rows: (B, 1, T, T) block-diagonal causal mask
             causal = False
             if self.sliding_window is not None and T > self.sliding_window:
@@ -149,18 +148,20 @@ class Attention(nn.Module):
                 i = torch.arange(T, device=x.device)
                 mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.sliding_window)
                 causal = False
+        return self.o_proj(self.attend(q, k, v, mask, causal))  # (B, T, C)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+               causal: bool) -> torch.Tensor:
+        """Softmax attention of q ``(B, nh, T, hd)`` over k, v ``(B, nkv, S, hd)``, where ``mask``
+        (True = visible) or ``causal`` says which keys each query sees: ``(B, T, nh*hd)``."""
+        B, _, T, _ = q.shape
         rep = self.n_head // self.n_kv_head
-        if T == 1 and mask is None:  # decoding on the CPU, every row seeing all its keys
-            y = cpu_kernels.decode_attention(q.view(B, self.n_kv_head, rep, self.head_dim), k, v)
-            if y is not None:
-                return self.o_proj(y.view(B, T, self.n_head * self.head_dim))
         if rep > 1 and T == 1:
             # One query per row: fold the query heads of a kv group into that group's "queries"
             # (B, nkv, rep, hd), so k/v are used in place, with no copy and no GQA kernel.
             y = F.scaled_dot_product_attention(q.view(B, self.n_kv_head, rep, self.head_dim), k, v,
                                                attn_mask=mask)
-            y = y.reshape(B, T, self.n_head * self.head_dim)  # (B, 1, nh*hd)
-            return self.o_proj(y)
+            return y.reshape(B, T, self.n_head * self.head_dim)  # (B, 1, nh*hd)
         kw = {}
         if rep > 1:
             if _SDPA_GQA and q.is_cuda:
@@ -168,8 +169,7 @@ class Attention(nn.Module):
             else:  # torch's CPU GQA path is far slower than repeating k/v (seen on torch 2.13)
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **kw)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
-        return self.o_proj(y)
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
 
 
 class MLP(nn.Module):
@@ -177,18 +177,14 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
         if self.swiglu:
-            self.gate_proj = Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
-        self.up_proj = Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:  # Shazeer 2020, "GLU Variants Improve Transformer", FFN_SwiGLU
-            g, u = self.gate_proj, self.up_proj
-            h = cpu_kernels.swiglu(x, g.weight, u.weight, g.bias, u.bias) if type(g) is Linear and type(u) is Linear else None
-            if h is None:
-                gx, ux = shared_input([g, u], x)
-                h = F.silu(gx) * ux
-            return self.down_proj(h)
+            g, u = shared_input([self.gate_proj, self.up_proj], x)
+            return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
@@ -217,7 +213,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         if not cfg.tie_embeddings:
-            self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             dev = self.tok_emb.weight.device
@@ -332,7 +328,7 @@ class Transformer(nn.Module):
                     x = block(x, rope, cache, mask, **kw)
         except BaseException:
             if cache is not None:
-                cache._step = None  # a failed forward leaves the cache lengths unchanged
+                cache.abort()  # a failed forward leaves the cache lengths unchanged
             raise
         if cache is not None:
             cache.end()
@@ -345,7 +341,9 @@ class Transformer(nn.Module):
                 x = x[torch.arange(B, device=x.device), last][:, None, :]  # (B, 1, C)
         if return_hidden:
             return x
-        head = getattr(self.tok_emb, "project", None) if self.config.tie_embeddings else None
-        if head is not None:  # a quantised tied table (lmstack.quant) projects without a dense copy
-            return head(x)
-        return linear(x, self.output_weight)
+        if not cfg.tie_embeddings:
+            return self.lm_head(x)
+        # A quantised table (lmstack.quant) projects without a dense copy; a kernel-backed one
+        # (lmstack.model.fast) through the CPU decoding kernel.
+        project = getattr(self.tok_emb, "project", None)
+        return project(x) if project is not None else F.linear(x, self.tok_emb.weight)

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from lmstack.config import config_from_dict
 from lmstack.errors import ConfigError, LMStackError, UnsupportedError
+from lmstack.files import atomic_dir
 from lmstack.peft.adapter import AdapterLinear
 from lmstack.peft.config import PEFTConfig
 from lmstack.peft.lora import LoRALinear
@@ -170,6 +171,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     The result is an ordinary model (QLoRA bases, quantised embeddings included, are
     dequantised) that ``save_native`` and ``export_hf`` write with the base's keys.
     """
+    from lmstack.model import fast
     from lmstack.quant.linear import QuantEmbedding
 
     if any(isinstance(m, (AdapterLinear, PrefixAttention)) for m in model.modules()):
@@ -185,14 +187,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         p.requires_grad_(True)
     if hasattr(model, "peft_config"):
         del model.peft_config
+    if fast.installed(model):  # the merged plain layers get the decode kernels the base had
+        fast.install(model)
     return model
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
     """Write the PEFT tensors and config (atomically, as one folder)."""
     from safetensors.torch import save_file
-
-    from lmstack.model.checkpoint import _AtomicDir
 
     cfg = getattr(model, "peft_config", None)
     if cfg is None:
@@ -201,7 +203,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
     for k, v in sd.items():
         if not torch.isfinite(v).all():
             raise LMStackError(f"refusing to save the adapter: tensor {k} has non-finite values")
-    with _AtomicDir(folder) as tmp:
+    with atomic_dir(folder) as tmp:
         save_file(sd, str(tmp / ADAPTER_FILE))
         meta = {"peft": asdict(cfg), "base_model": model.config.to_dict() if hasattr(model, "config") else None}
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))

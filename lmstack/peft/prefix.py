@@ -49,11 +49,9 @@ class PrefixAttention(nn.Module):
         q, k, v = project_qkv(self, x, rope)  # (B, nh, T, hd), (B, nkv, T, hd) x 2
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
-            st = cache._step
             S = k.shape[2]
-            if st["mask"] is not None:
-                mask = st["mask"]  # (B, 1, T, S)
-            else:  # uniform rows: T new queries at positions S-T..S-1
+            mask, _ = cache.attention_mask()  # (B, 1, T, S), or None: every query sees the keys up to its own
+            if mask is None:  # uniform rows: T new queries at positions S-T..S-1
                 i = torch.arange(S - T, S, device=x.device)[:, None]
                 mask = (torch.arange(S, device=x.device)[None, :] <= i)[None, None]  # (1, 1, T, S)
         elif mask is None:

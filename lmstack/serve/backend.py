@@ -1,11 +1,10 @@
-"""Backends behind the HTTP layer: the local engine, or an OpenAI-compatible upstream.
+"""The local backend: the in-process engine over an lmstack model.
 
-A backend turns a validated request into a ``Job``: ``prepare_*`` checks what only the
-model can check (prompt length against the context, token ids, the JSON schema) and raises
-``APIError`` (a 4xx with the field named); ``start`` submits it (``QueueFull`` becomes a
-429); ``events`` yields ``Delta`` s, one per choice per step, which the server formats as
-SSE chunks or folds into one response. Streaming and non-streaming share this path, so
-the streamed deltas always concatenate to the non-streamed text.
+``open(kind, req, request)`` turns a validated request into a started ``Job``: it checks what
+only the model can check (prompt length against the context, token ids, the JSON schema)
+and raises ``APIError`` (a 4xx with the field named), then submits one engine request per
+choice (``QueueFull`` becomes a 429). ``Job.events()`` yields ``Event`` s, one per choice
+per step, which the handlers format (``completions.py``), exactly as they do an upstream's.
 
 Tool calls: with ``tools`` and ``tool_choice`` other than ``none``, the output is
 constrained to ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (required or a
@@ -20,47 +19,25 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, Callable, Optional
 
 from lmstack.errors import LMStackError, UnsupportedError
 from lmstack.infer.engine import Engine, EngineRequest, QueueFull, RequestHandle
 from lmstack.infer.sampling import SamplingParams
+from lmstack.serve.events import APIError, Event
 from lmstack.serve.protocol import MAX_STOP, ChatRequest, CompletionRequest
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 
 
-class APIError(Exception):
-    """An error for the client: HTTP status, OpenAI error type, and the offending field."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None,
-                 type: str = "invalid_request_error", headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type = status, message, param, type
-        self.headers = headers or {}
-
-
-@dataclass
-class Delta:
-    index: int  # choice index
-    text: str = ""
-    n_tokens: int = 0
-    finish_reason: Optional[str] = None
-    logprobs: list[dict] = field(default_factory=list)  # {"token", "logprob", "top": [(token, logprob)]}
-    tool_calls: Optional[list[dict]] = None
-    deadline: bool = False  # ended by the per-request deadline (finish_reason says "length")
-
-    @property
-    def logged_reason(self) -> Optional[str]:
-        """The reason for the log and metrics: "deadline" is kept apart from "length"."""
-        return "deadline" if self.deadline else self.finish_reason
-
-
 @dataclass
 class Job:
+    """One request's engine sequences (one per choice): the local backend's ``Generation``."""
+
     requests: list[EngineRequest]
     prompt_tokens: int
     tool_mode: Optional[str] = None  # None | "auto" | "required"
+    token_str: Callable[[int], str] = str  # a token id as text, for logprobs
     handles: list[RequestHandle] = field(default_factory=list)
 
     @property
@@ -77,6 +54,52 @@ class Job:
         for h in self.handles:
             h.cancel()
 
+    def settle(self, timeout: float) -> None:
+        for h in self.handles:
+            h.finished.wait(timeout)
+
+    async def events(self) -> AsyncGenerator[Event, None]:
+        """Events of every choice as they are generated (choices interleaved)."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, h: RequestHandle) -> None:
+            try:
+                async for out in h:
+                    await merged.put((i, out))
+            except Exception as e:
+                await merged.put((i, e))
+            await merged.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(self.handles)]
+        tools = [_ToolBuffer(self.tool_mode) if self.tool_mode else None for _ in self.handles]
+        try:
+            open_ = len(tasks)
+            while open_:
+                i, out = await merged.get()
+                if out is None:
+                    open_ -= 1
+                    continue
+                ev = self._event(i, out)
+                yield tools[i].feed(ev) if tools[i] is not None else ev
+        finally:
+            self.cancel()
+            for t in tasks:
+                t.cancel()
+
+    def _event(self, i: int, out: Any) -> Event:
+        if isinstance(out, Exception):
+            raise APIError(500, f"generation failed: {out}", type="server_error")
+        reason = out.finish_reason
+        if reason in ("cancelled", "error"):
+            raise APIError(503, f"generation was {reason}", type="server_error")
+        lps = []
+        if out.logprob is not None and out.token_id is not None:
+            lps.append({"token": self.token_str(out.token_id), "logprob": out.logprob,
+                        "top": [(self.token_str(t), lp) for t, lp in (out.top_logprobs or [])]})
+        # "deadline" is "length" to OpenAI clients; the log and metrics keep it apart
+        return Event(i, out.text, 1 if out.token_id is not None else 0, "length" if reason == "deadline" else reason,
+                     lps, deadline=reason == "deadline")
+
 
 def _sampling(req, max_tokens: int, seed: Optional[int], want_logprobs: bool) -> SamplingParams:
     if req.presence_penalty or req.frequency_penalty:
@@ -92,8 +115,27 @@ def _sampling(req, max_tokens: int, seed: Optional[int], want_logprobs: bool) ->
                           ignore_eos=req.ignore_eos)
 
 
+def _chat_messages(req: ChatRequest) -> list[dict]:
+    """The messages as the chat template reads them (``developer`` is ``system``)."""
+    messages = []
+    for m in req.messages:
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text() or ""}
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function",
+                                "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                               for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            d["name"] = m.name
+        messages.append(d)
+    return messages
+
+
 class LocalBackend:
     """The in-process engine over an lmstack model."""
+
+    can_embed = True
 
     def __init__(self, engine: Engine, tokenizer, model_name: str, request_timeout: Optional[float] = None):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
@@ -113,12 +155,21 @@ class LocalBackend:
         ok = self.engine.alive and stalled <= watchdog_s
         return ok, {"engine_alive": self.engine.alive, "stalled_s": round(stalled, 3), "watchdog_s": watchdog_s}
 
+    def close(self) -> None:
+        self.engine.shutdown()
+
     def grammars(self):
         if self._grammars is None:
             from lmstack.infer.engine_grammar import GrammarCompiler
 
             self._grammars = GrammarCompiler(self.tokenizer)
         return self._grammars
+
+    async def open(self, kind: str, req, request=None) -> Job:
+        """A started job for ``req`` (``kind``: "chat" or "completion")."""
+        job = self.prepare_chat(req) if kind == "chat" else self.prepare_completion(req)
+        self.start(job)
+        return job
 
     # -- preparing requests ------------------------------------------------------------------
     def _max_tokens(self, requested: Optional[int], n_prompt: int, field_name: str) -> int:
@@ -173,62 +224,21 @@ class LocalBackend:
                 seed = None if req.seed is None else req.seed + j
                 reqs.append(EngineRequest(ids, _sampling(req, max_new, seed, want), top_logprobs=req.logprobs or 0,
                                           deadline=self._deadline()))
-        return Job(reqs, sum(len(x) for x in ids_list))
+        return Job(reqs, sum(len(x) for x in ids_list), token_str=self._token_str)
 
     def prepare_chat(self, req: ChatRequest) -> Job:
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so it cannot chat", "messages")
-        messages = []
-        for i, m in enumerate(req.messages):
-            d: dict[str, Any] = {"role": m.role, "content": m.text() or ""}
-            if m.role == "developer":
-                d["role"] = "system"
-            if m.tool_calls:
-                d["tool_calls"] = [{"id": c.id, "type": "function",
-                                    "function": {"name": c.function.name, "arguments": c.function.arguments}}
-                                   for c in m.tool_calls]
-            if m.tool_call_id is not None:
-                d["tool_call_id"] = m.tool_call_id
-            if m.name is not None:
-                d["name"] = m.name
-            messages.append(d)
-        grammar, tool_mode = None, None
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
         choice = req.tool_choice
         if choice is not None and not tools and choice != "none":
             raise APIError(400, "tool_choice: given without tools", "tool_choice")
         if tools and choice != "none":
-            if req.response_format is not None and req.response_format.type != "text":
-                raise APIError(400, "response_format: cannot be combined with tools; use one or the other",
-                               "response_format")
-            names = [t["function"]["name"] for t in tools]
-            if len(set(names)) != len(names):
-                raise APIError(400, f"tools: function names must be unique, got {names}", "tools")
-            if choice is not None and not isinstance(choice, str):
-                if choice.function.name not in names:
-                    raise APIError(400, f"tool_choice: function {choice.function.name!r} is not in tools {names}",
-                                   "tool_choice")
-                tools = [t for t in tools if t["function"]["name"] == choice.function.name]
-            tool_mode = "required" if choice is not None and choice != "auto" else "auto"
-            try:
-                grammar = self.grammars().tool_calls(tools, required=tool_mode == "required",
-                                                     open_tag=TOOL_OPEN, close_tag=TOOL_CLOSE)
-            except UnsupportedError as e:
-                raise APIError(400, str(e), "tools") from None
-        elif req.response_format is not None and req.response_format.type != "text":
-            rf = req.response_format
-            try:
-                if rf.type == "json_object":
-                    grammar = self.grammars().json_object()
-                else:
-                    if rf.json_schema is None or rf.json_schema.schema_ is None:
-                        raise APIError(400, "response_format.json_schema.schema: required when type is json_schema",
-                                       "response_format.json_schema")
-                    grammar = self.grammars().json_schema(rf.json_schema.schema_, "response_format.json_schema.schema")
-            except UnsupportedError as e:
-                raise APIError(400, str(e), "response_format.json_schema.schema") from None
+            grammar, tool_mode, tools = self._tool_grammar(req, tools)
+        else:
+            grammar, tool_mode = self._format_grammar(req.response_format), None
         try:
-            ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools or None)
+            ids = self.tokenizer.encode_chat(_chat_messages(req), add_generation_prompt=True, tools=tools or None)
         except LMStackError as e:
             raise APIError(400, f"messages: {e}", "messages") from None
         except Exception as e:  # a template error on odd input (jinja raises its own types)
@@ -245,7 +255,43 @@ class LocalBackend:
             seed = None if req.seed is None else req.seed + j
             reqs.append(EngineRequest(ids, _sampling(req, max_new, seed, req.logprobs), top_logprobs=tops,
                                       grammar=grammar, deadline=self._deadline()))
-        return Job(reqs, len(ids), tool_mode)
+        return Job(reqs, len(ids), tool_mode, self._token_str)
+
+    def _tool_grammar(self, req: ChatRequest, tools: list[dict]) -> tuple[Any, str, list[dict]]:
+        """(grammar, tool mode, the tools offered) for a request with tools and a tool_choice other than none."""
+        choice = req.tool_choice
+        if req.response_format is not None and req.response_format.type != "text":
+            raise APIError(400, "response_format: cannot be combined with tools; use one or the other",
+                           "response_format")
+        names = [t["function"]["name"] for t in tools]
+        if len(set(names)) != len(names):
+            raise APIError(400, f"tools: function names must be unique, got {names}", "tools")
+        if choice is not None and not isinstance(choice, str):
+            if choice.function.name not in names:
+                raise APIError(400, f"tool_choice: function {choice.function.name!r} is not in tools {names}",
+                               "tool_choice")
+            tools = [t for t in tools if t["function"]["name"] == choice.function.name]
+        mode = "required" if choice is not None and choice != "auto" else "auto"
+        try:
+            grammar = self.grammars().tool_calls(tools, required=mode == "required", open_tag=TOOL_OPEN,
+                                                 close_tag=TOOL_CLOSE)
+        except UnsupportedError as e:
+            raise APIError(400, str(e), "tools") from None
+        return grammar, mode, tools
+
+    def _format_grammar(self, rf) -> Any:
+        """The grammar for ``response_format`` (None for plain text)."""
+        if rf is None or rf.type == "text":
+            return None
+        try:
+            if rf.type == "json_object":
+                return self.grammars().json_object()
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise APIError(400, "response_format.json_schema.schema: required when type is json_schema",
+                               "response_format.json_schema")
+            return self.grammars().json_schema(rf.json_schema.schema_, "response_format.json_schema.schema")
+        except UnsupportedError as e:
+            raise APIError(400, str(e), "response_format.json_schema.schema") from None
 
     # -- running -----------------------------------------------------------------------------
     def start(self, job: Job) -> None:
@@ -276,48 +322,6 @@ class LocalBackend:
     def _token_str(self, tok: int) -> str:
         return self.tokenizer.decode([tok]) if self.tokenizer is not None else str(tok)
 
-    async def events(self, job: Job) -> AsyncIterator[Delta]:
-        """Deltas of every choice as they are generated (choices interleaved)."""
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, h: RequestHandle) -> None:
-            try:
-                async for out in h:
-                    await merged.put((i, out))
-            except Exception as e:
-                await merged.put((i, e))
-            await merged.put((i, None))
-
-        tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(job.handles)]
-        tools = [_ToolBuffer(job.tool_mode) if job.tool_mode else None for _ in job.handles]
-        try:
-            open_ = len(tasks)
-            while open_:
-                i, out = await merged.get()
-                if out is None:
-                    open_ -= 1
-                    continue
-                if isinstance(out, Exception):
-                    raise APIError(500, f"generation failed: {out}", type="server_error")
-                reason = out.finish_reason
-                if reason in ("cancelled", "error"):
-                    raise APIError(503, f"generation was {reason}", type="server_error")
-                if reason == "deadline":
-                    reason = "length"  # what OpenAI clients know; the log and metrics keep "deadline"
-                lps = []
-                if out.logprob is not None and out.token_id is not None:
-                    lps.append({"token": self._token_str(out.token_id), "logprob": out.logprob,
-                                "top": [(self._token_str(t), lp) for t, lp in (out.top_logprobs or [])]})
-                d = Delta(i, out.text, 1 if out.token_id is not None else 0, reason, lps,
-                          deadline=out.finish_reason == "deadline")
-                if tools[i] is not None:
-                    d = tools[i].feed(d)
-                yield d
-        finally:
-            job.cancel()
-            for t in tasks:
-                t.cancel()
-
 
 class _ToolBuffer:
     """Holds back tool-call text and turns ``<tool_call>{...}</tool_call>`` into ``tool_calls``."""
@@ -327,7 +331,7 @@ class _ToolBuffer:
         self.buffer = ""
         self.is_call: Optional[bool] = True if mode == "required" else None
 
-    def feed(self, d: Delta) -> Delta:
+    def feed(self, d: Event) -> Event:
         if self.is_call is None and d.text:
             self.is_call = (self.buffer + d.text).startswith(TOOL_OPEN[0])
         if self.is_call is False:

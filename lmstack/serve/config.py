@@ -1,24 +1,27 @@
-"""``ServeConfig``: every option of ``lmstack serve`` (the CLI flags are generated from it)."""
+"""``ServeConfig``: every option of ``lmstack serve`` (the CLI flags are generated from it).
+
+It extends ``EngineConfig``: the engine's fields (``max_slots``, ``max_seq_len``,
+``token_budget``, ``prefill_chunk``, ``max_queue``), their defaults, checks and help text are
+inherited, so ``--max-slots`` means the same here as in the engine. With ``upstream`` the
+slots and the queue bound the requests relayed instead.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
+
+from lmstack.infer.engine import EngineConfig
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(EngineConfig):
     model: Optional[str] = field(default=None, metadata={"help": "preset, model folder or .gguf (default: the embedded SmolLM2-135M-Instruct); 'fake' for a deterministic load-test model"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
     port: int = field(default=8000, metadata={"help": "port to bind (0: any free port)"})
     model_name: Optional[str] = field(default=None, metadata={"help": "model id reported by /v1/models (default: derived from --model)"})
     dtype: Optional[str] = field(default=None, metadata={"help": "float32 or bfloat16"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
-    max_slots: int = field(default=16, metadata={"help": "sequences decoded together"})
-    max_seq_len: int = field(default=2048, metadata={"help": "prompt + output tokens per sequence"})
-    token_budget: int = field(default=256, metadata={"help": "tokens per engine step"})
-    prefill_chunk: int = field(default=128, metadata={"help": "prompt tokens per sequence per step"})
-    max_queue: int = field(default=64, metadata={"help": "requests waiting for a slot before 429s"})
     api_keys: list[str] = field(default_factory=list, metadata={"help": "accepted API keys (none: no auth)"})
     rate_limit_rpm: float = field(default=0.0, metadata={"help": "requests per minute per API key (0: unlimited)"})
     request_timeout: float = field(default=600.0, metadata={"help": "per-request deadline in seconds (0: none)"})
@@ -32,3 +35,7 @@ class ServeConfig:
     upstream_api_key: Optional[str] = field(default=None, metadata={"help": "API key sent to the upstream (Authorization: Bearer)"})
     upstream_model: Optional[str] = field(default=None, metadata={"help": "model name sent to the upstream (default: the client's)"})
     embeddings: bool = field(default=True, metadata={"help": "serve /v1/embeddings with the embedded encoder"})
+
+    def engine(self) -> EngineConfig:
+        """The engine's part of this config."""
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in fields(EngineConfig)})

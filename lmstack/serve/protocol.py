@@ -161,36 +161,35 @@ class ChatResponseMessage(BaseModel):
     tool_calls: Optional[list[dict[str, Any]]] = None
 
 
-class ChatChoice(BaseModel):
+class _Choice(BaseModel):
     index: int
+    finish_reason: Optional[str] = None
+    logprobs: Optional[dict[str, Any]] = None
+
+
+class ChatChoice(_Choice):
     message: ChatResponseMessage
-    finish_reason: Optional[str] = None
-    logprobs: Optional[dict[str, Any]] = None
 
 
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class CompletionChoice(BaseModel):
-    index: int
+class CompletionChoice(_Choice):
     text: str
-    finish_reason: Optional[str] = None
-    logprobs: Optional[dict[str, Any]] = None
 
 
-class Completion(BaseModel):
+class _Answer(BaseModel):
     id: str
-    object: Literal["text_completion"]
     created: int
     model: str
-    choices: list[CompletionChoice]
     usage: Usage
+
+
+class ChatCompletion(_Answer):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+
+
+class Completion(_Answer):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
 
 
 class ModelCard(BaseModel):

@@ -14,15 +14,16 @@ import threading
 from typing import Optional
 
 from lmstack.errors import ConfigError, LMStackError
-from lmstack.serve.app import ServerState, create_app
+from lmstack.serve.app import create_app
 from lmstack.serve.config import ServeConfig
+from lmstack.serve.context import ServerState
 
 
 def build_backend(cfg: ServeConfig):
     """Load the model named by ``cfg.model`` and start an engine over it (or front ``cfg.upstream``)."""
     import torch
 
-    from lmstack.infer.engine import Engine, EngineConfig
+    from lmstack.infer.engine import Engine
     from lmstack.serve.backend import LocalBackend
 
     if cfg.upstream:
@@ -35,8 +36,6 @@ def build_backend(cfg: ServeConfig):
                                max_concurrency=cfg.max_slots, max_queue=cfg.max_queue)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ecfg = EngineConfig(max_slots=cfg.max_slots, max_seq_len=cfg.max_seq_len, token_budget=cfg.token_budget,
-                        prefill_chunk=cfg.prefill_chunk, max_queue=cfg.max_queue)
     if cfg.model is not None and cfg.model.startswith("fake"):
         from lmstack.infer.engine_fake import FakeModel
         from lmstack.tokenizer.byte_level import byte_level_tokenizer
@@ -49,7 +48,7 @@ def build_backend(cfg: ServeConfig):
         llm = LLM.load(cfg.model, dtype=cfg.dtype)
         model, tok = llm.model, llm.tokenizer
         name = cfg.model_name or (str(cfg.model).rstrip("/").split("/")[-1] if cfg.model else "SmolLM2-135M-Instruct")
-    engine = Engine(model, tok, ecfg).start()
+    engine = Engine(model, tok, cfg.engine()).start()
     return LocalBackend(engine, tok, cfg.model_name or name,
                         request_timeout=cfg.request_timeout if cfg.request_timeout > 0 else None)
 
@@ -85,8 +84,7 @@ def serve(cfg: ServeConfig, backend=None) -> int:
         server.run()
     finally:
         state.draining = True
-        if hasattr(backend, "engine"):
-            backend.engine.shutdown()
+        backend.close()
     return 0
 
 

@@ -1,25 +1,25 @@
 """A backend that fronts an OpenAI-compatible upstream (vLLM, another lmstack, a hosted API).
 
 The server in front does everything it does for the local engine (validation with the same
-request models, API keys, rate limits, body size, metrics, the JSONL request log); this
-backend adds what only a proxy needs:
+request models, API keys, rate limits, body size, metrics, the JSONL request log, the
+response format: the upstream's answers become the same ``Event`` s a local ``Job``
+yields); this backend adds what only a proxy needs:
 
 * a bounded number of requests in flight to the upstream (``max_concurrency``) and a bounded
   queue behind them (``max_queue``): past both, a fast 429 with ``Retry-After``;
 * the per-request deadline: a request still queued or waiting for the upstream's answer
   when it passes is a 504; a stream that passes it mid-way ends with ``finish_reason:
   length`` (logged and counted as ``deadline``);
-* streams relayed event by event (``: ping`` comments while the upstream is silent), the
-  upstream asked for ``usage`` so the token counts are exact (the usage chunk is dropped
-  again unless the client asked for it); a client that disconnects closes the upstream
-  stream, which makes the upstream cancel the generation;
+* streams relayed event by event, the upstream asked for ``usage`` so the token counts are
+  exact; a client that disconnects closes the upstream stream, which makes the upstream
+  cancel the generation;
 * error mapping: an upstream 4xx is passed through with its status and body; unreachable is
   a 502, an upstream 5xx a 502 (503 stays 503), no answer in time a 504, always with an
-  OpenAI-style error body.
+  OpenAI-style error body; an error event in the stream is passed on as the stream's error.
 
-The HTTP client is httpx (``httpx2``, the one the official ``openai`` package ships with,
-or ``httpx``), imported when the first request is relayed. Deliberately left out:
-embeddings, retries and load balancing over several upstreams.
+The HTTP client is httpx (the ``serve`` extra), imported when the first request is relayed.
+Deliberately left out: embeddings, retries, load balancing over several upstreams, and
+fields of the upstream's chunks that the OpenAI API does not define (they are not relayed).
 """
 
 from __future__ import annotations
@@ -29,35 +29,24 @@ import collections
 import json
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, AsyncGenerator, Optional
 
 from lmstack.errors import ConfigError
-from lmstack.serve.backend import APIError
+from lmstack.serve.events import APIError, Event, in_background, unless_gone
 
 
 def _httpx():
     try:
-        import httpx2 as httpx
+        import httpx
     except ImportError:
-        try:
-            import httpx
-        except ImportError:
-            raise APIError(500, "--upstream needs httpx: pip install httpx", type="server_error") from None
+        raise APIError(500, "--upstream needs httpx: pip install -e '.[serve]'", type="server_error") from None
     return httpx
-
-
-@dataclass
-class _Counts:
-    """What the request log reads from a job: token counts (from the upstream's usage)."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    handles: list = field(default_factory=list)
 
 
 class UpstreamBackend:
     """Relays validated requests to ``url`` (an OpenAI-compatible base URL, with or without ``/v1``)."""
+
+    can_embed = False
 
     def __init__(self, url: str, api_key: Optional[str] = None, model: Optional[str] = None,
                  model_name: Optional[str] = None, request_timeout: Optional[float] = None,
@@ -88,6 +77,9 @@ class UpstreamBackend:
         """Unhealthy while the latest upstream attempt failed (unreachable or 5xx)."""
         failing = self.last_failure is not None and (self.last_ok is None or self.last_failure > self.last_ok)
         return not failing, {"upstream": self.base, "upstream_failing": failing}
+
+    def close(self) -> None:
+        self._client = None  # its event loop has ended with the server
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -132,12 +124,25 @@ class UpstreamBackend:
                 return
         self.running -= 1
 
-    def _release(self, t0: float) -> None:
+    def release(self, t0: float) -> None:
         self.relayed += 1
         self.duration_sum += time.monotonic() - t0
         self._free_slot()
 
     # -- talking to the upstream -------------------------------------------------------------
+    async def open(self, kind: str, req, request) -> "_Relay":
+        """Take a slot, send ``req`` and wait for the upstream's status line."""
+        t0 = time.monotonic()
+        deadline = t0 + self.request_timeout if self.request_timeout else None
+        await self._acquire(deadline)
+        try:
+            resp = await self._send("/chat/completions" if kind == "chat" else "/completions",
+                                    self._body(req, bool(req.stream)), deadline, request)
+        except BaseException:
+            self.release(t0)
+            raise
+        return _Relay(self, kind, resp, bool(req.stream), t0, deadline)
+
     def _body(self, req, stream_usage: bool) -> dict:
         body = req.model_dump(mode="json", exclude_unset=True, by_alias=True)
         if self.upstream_model:
@@ -155,24 +160,18 @@ class UpstreamBackend:
                                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         return httpx, self._client
 
-    async def _open(self, path: str, body: dict, deadline: Optional[float], request) -> Any:
-        """Send the request and wait for the upstream's status line (client disconnects cancel it)."""
+    async def _send(self, path: str, body: dict, deadline: Optional[float], request) -> Any:
+        """The upstream's streamed response (client disconnects and the deadline cancel the wait)."""
         httpx, client = self._http()
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        send = asyncio.ensure_future(client.send(client.build_request("POST", self.base + path, json=body,
-                                                                      headers=headers), stream=True))
+        send = client.send(client.build_request("POST", self.base + path, json=body, headers=headers), stream=True)
         try:
-            while not send.done():
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise APIError(504, "the upstream did not answer before the request deadline",
-                                   type="timeout_error")
-                await asyncio.wait({send}, timeout=0.2 if left is None else min(0.2, left))
-                if not send.done() and await request.is_disconnected():
-                    raise asyncio.CancelledError
-            resp = send.result()
+            resp = await unless_gone(request, send, deadline)
+        except TimeoutError:
+            raise APIError(504, "the upstream did not answer before the request deadline",
+                           type="timeout_error") from None
         except httpx.TimeoutException:
             self.last_failure = time.monotonic()
             raise APIError(504, f"the upstream at {self.base} timed out", type="timeout_error") from None
@@ -180,216 +179,170 @@ class UpstreamBackend:
             self.last_failure = time.monotonic()
             raise APIError(502, f"the upstream at {self.base} is unreachable ({type(e).__name__})",
                            type="upstream_error") from None
-        finally:
-            if not send.done():
-                send.cancel()
         if resp.status_code < 400:
             self.last_ok = time.monotonic()
             return resp
+        raise await self._refusal(resp)
+
+    async def _refusal(self, resp) -> APIError:
+        """An upstream error answer: a 4xx passes through with its body, a 5xx becomes ours."""
         raw = await resp.aread()
         await resp.aclose()
         try:
             payload = json.loads(raw)
         except ValueError:
             payload = None
-        upstream_msg = (payload.get("error") or {}).get("message") if isinstance(payload, dict) and isinstance(
-            payload.get("error"), dict) else raw[:200].decode("utf-8", "replace")
-        if resp.status_code < 500:
-            raise _Passthrough(resp.status_code, payload, upstream_msg, resp.headers.get("retry-after"))
+        err = payload.get("error") if isinstance(payload, dict) else None
+        message = err.get("message") if isinstance(err, dict) else raw[:200].decode("utf-8", "replace")
+        status, retry_after = resp.status_code, resp.headers.get("retry-after")
+        headers = {"Retry-After": retry_after} if retry_after else None
+        if status < 500:
+            passed = payload if isinstance(payload, dict) and "error" in payload else None
+            return APIError(status, f"the upstream answered {status}: {message}", headers=headers, payload=passed,
+                            kind=f"upstream_{status}")
         self.last_failure = time.monotonic()
-        status = 503 if resp.status_code == 503 else 504 if resp.status_code == 504 else 502
-        headers = {"Retry-After": resp.headers["retry-after"]} if "retry-after" in resp.headers else None
-        raise APIError(status, f"the upstream answered {resp.status_code}: {upstream_msg}", type="upstream_error",
-                       headers=headers)
+        return APIError(status if status in (503, 504) else 502, f"the upstream answered {status}: {message}",
+                        type="upstream_error", headers=headers)
 
-    # -- one request -------------------------------------------------------------------------
-    async def relay(self, kind: str, req, request, *, t0: float, key: str, metrics, state, log, keepalive_s: float):
-        """The response for one validated request; ``log(status, counts, ttft, reasons, text)``."""
-        from fastapi.responses import JSONResponse, StreamingResponse
 
-        deadline = t0 + self.request_timeout if self.request_timeout else None
-        path = "/chat/completions" if kind == "chat" else "/completions"
-        client_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-        counts = _Counts()
-        await self._acquire(deadline)
-        released = False
+class _Relay:
+    """One request relayed to the upstream: the upstream backend's ``Generation``."""
 
-        def release():
-            nonlocal released
-            if not released:
-                released = True
-                self._release(t0)
+    tokens_after_cancel = None  # the upstream does not say
 
+    def __init__(self, backend: UpstreamBackend, kind: str, resp, stream: bool, t0: float,
+                 deadline: Optional[float]):
+        self.backend, self.kind, self.resp, self.stream = backend, kind, resp, stream
+        self.t0, self.deadline = t0, deadline
+        self.prompt_tokens = 0
+        self.usage_tokens = 0  # completion tokens by the upstream's usage
+        self.pieces = 0  # streamed text pieces: the count when the upstream gives no usage
+        self.closed = False
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.usage_tokens or self.pieces
+
+    def cancel(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.backend.release(self.t0)
+            in_background(_close_quietly(self.resp))  # a closed connection makes the upstream stop generating
+
+    def settle(self, timeout: float) -> None:
+        pass  # nothing to wait for: the upstream stops when its connection closes
+
+    def events(self) -> AsyncGenerator[Event, None]:
+        return self._streamed() if self.stream else self._answered()
+
+    def _account(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.usage_tokens = int(usage.get("completion_tokens") or 0)
+
+    async def _answered(self) -> AsyncGenerator[Event, None]:
         try:
-            resp = await self._open(path, self._body(req, bool(req.stream)), deadline, request)
-        except _Passthrough as e:
-            release()
-            metrics.errors.inc(kind="upstream_" + str(e.status))
-            log(e.status, counts, None, {}, None)
-            return JSONResponse(e.body(), status_code=e.status,
-                                headers={"Retry-After": e.retry_after} if e.retry_after else None)
-        except APIError as e:
-            release()
-            log(e.status, counts, None, {}, None)
-            raise
-        except BaseException:
-            release()
-            log(499, counts, None, {}, None)
-            raise
+            payload = json.loads(await self.resp.aread())
+            self._account(payload.get("usage"))
+            events = [_choice_event(self.kind, i, c, "message") for i, c in enumerate(payload.get("choices") or [])]
+        except Exception as e:
+            self.backend.last_failure = time.monotonic()
+            raise APIError(502, f"the upstream's answer could not be read ({type(e).__name__})",
+                           type="upstream_error") from None
+        finally:
+            self.cancel()
+        for ev in events:
+            yield ev
 
-        def account(usage: Optional[dict]) -> None:
-            if isinstance(usage, dict):
-                counts.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                counts.completion_tokens = int(usage.get("completion_tokens") or 0)
-
-        if not req.stream:
-            try:
-                raw = await resp.aread()
-                payload = json.loads(raw)
-            except Exception as e:
-                self.last_failure = time.monotonic()
-                release()
-                log(502, counts, None, {}, None)
-                raise APIError(502, f"the upstream's answer could not be read ({type(e).__name__})",
-                               type="upstream_error") from None
-            finally:
-                await resp.aclose()
-            release()
-            account(payload.get("usage") if isinstance(payload, dict) else None)
-            choices = payload.get("choices") or [] if isinstance(payload, dict) else []
-            reasons = {c.get("index", i): c.get("finish_reason") for i, c in enumerate(choices)}
-            texts = {c.get("index", i): (c.get("message") or {}).get("content") if kind == "chat" else c.get("text")
-                     for i, c in enumerate(choices)}
-            metrics.prompt_tokens.inc(counts.prompt_tokens)
-            metrics.generation_tokens.inc(counts.completion_tokens)
-            metrics.e2e.observe(time.monotonic() - t0)
-            for r in reasons.values():
-                metrics.finish_reasons.inc(reason=str(r))
-            log(200, counts, None, reasons, texts)
-            return JSONResponse(payload, status_code=resp.status_code)
-
-        async def sse():
-            status, reasons, text, last = 200, {}, {}, {}
-            ttft, n_chunks, meta = None, 0, {}
-            lines = resp.aiter_lines().__aiter__()
-            pending = None
-            state.in_flight += 1
-            httpx = _httpx()
-            try:
-                while True:
-                    if pending is None:
-                        pending = asyncio.ensure_future(lines.__anext__())
-                    wait = keepalive_s if deadline is None else min(keepalive_s, deadline - time.monotonic())
-                    done, _ = await asyncio.wait({pending}, timeout=max(0.0, wait))
-                    if not done:
-                        if deadline is not None and time.monotonic() >= deadline:
-                            for i in text:  # every open choice ends like a local stream at its deadline
-                                if i not in reasons:
-                                    reasons[i] = "deadline"
-                                    metrics.finish_reasons.inc(reason="deadline")
-                                    yield _chunk(kind, i, "length", meta)
-                            break
-                        yield ": ping\n\n"
-                        continue
-                    try:
-                        line = pending.result()
-                    except StopAsyncIteration:
-                        break
-                    finally:
-                        pending = None
-                    if not line.startswith("data:"):
-                        continue  # blank separators, comments, "event:" lines
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    try:
-                        ev = json.loads(data)
-                    except ValueError:
-                        continue
-                    if not isinstance(ev, dict):
-                        continue
-                    meta.update((k, ev[k]) for k in ("id", "created", "model") if k in ev)
-                    if "error" in ev:
-                        status = 502
-                        yield f"data: {data}\n\n"
-                        continue
-                    if ev.get("usage"):
-                        account(ev["usage"])
-                        if not client_usage:
-                            if not ev.get("choices"):
-                                continue
-                            ev.pop("usage")
-                            data = json.dumps(ev, ensure_ascii=False)
-                    for c in ev.get("choices") or []:
-                        i = c.get("index", 0)
-                        piece = (c.get("delta") or {}).get("content") if kind == "chat" else c.get("text")
-                        text.setdefault(i, "")
-                        if piece:
-                            now = time.monotonic()
-                            if ttft is None:
-                                ttft = now - t0
-                                metrics.ttft.observe(ttft)
-                            if i in last:
-                                metrics.itl.observe(now - last[i])
-                            last[i] = now
-                            text[i] += piece
-                            n_chunks += 1
-                        if c.get("finish_reason"):
-                            reasons[i] = c["finish_reason"]
-                            metrics.finish_reasons.inc(reason=str(c["finish_reason"]))
-                    yield f"data: {data}\n\n"
-                yield "data: [DONE]\n\n"
-                metrics.e2e.observe(time.monotonic() - t0)
-            except httpx.TransportError as e:  # the upstream broke off mid-stream
-                status = 502
-                self.last_failure = time.monotonic()
-                metrics.errors.inc(kind="upstream_error")
-                body = {"error": {"message": f"the upstream stream broke off ({type(e).__name__})",
-                                  "type": "upstream_error", "param": None, "code": None}}
-                yield f"data: {json.dumps(body)}\n\n"
-            except (asyncio.CancelledError, GeneratorExit):
-                status = 499
-                metrics.errors.inc(kind="client_disconnected")
-                raise
-            finally:
-                if pending is not None:
-                    pending.cancel()
+    async def _streamed(self) -> AsyncGenerator[Event, None]:
+        httpx = _httpx()
+        lines = self.resp.aiter_lines().__aiter__()
+        unfinished: set[int] = set()
+        try:
+            while True:
+                left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
                 try:
-                    await resp.aclose()  # closing the connection makes the upstream cancel the generation
-                except Exception:
-                    pass
-                release()
-                state.in_flight -= 1
-                if not counts.completion_tokens:
-                    counts.completion_tokens = n_chunks
-                metrics.prompt_tokens.inc(counts.prompt_tokens)
-                metrics.generation_tokens.inc(counts.completion_tokens)
-                log(status, counts, ttft, reasons, text)
+                    chunk = _chunk_of(await asyncio.wait_for(lines.__anext__(), left))
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    break
+                if chunk == "[DONE]":
+                    return
+                for ev in self._chunk_events(chunk) if chunk else ():
+                    if ev.finish_reason:
+                        unfinished.discard(ev.index)
+                    else:
+                        unfinished.add(ev.index)
+                    yield ev
+            for i in sorted(unfinished):  # the deadline passed: open choices end as a local stream's do
+                yield Event(i, finish_reason="length", deadline=True)
+        except httpx.TransportError as e:  # the upstream broke off mid-stream
+            self.backend.last_failure = time.monotonic()
+            raise APIError(502, f"the upstream stream broke off ({type(e).__name__})", type="upstream_error") from None
+        finally:
+            self.cancel()
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def _chunk_events(self, chunk: dict) -> list[Event]:
+        if "error" in chunk:
+            err = chunk["error"]
+            raise APIError(502, str(err.get("message") if isinstance(err, dict) else err), type="upstream_error",
+                           payload=chunk)
+        try:
+            self._account(chunk.get("usage"))
+            events = [_choice_event(self.kind, i, c, "delta") for i, c in enumerate(chunk.get("choices") or [])]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise APIError(502, "the upstream sent a chunk that is not an OpenAI chunk",
+                           type="upstream_error") from None
+        for ev in events:
+            if ev.text:
+                ev.n_tokens = 1  # a text piece: one token as far as the proxy can tell
+                self.pieces += 1
+        return events
 
 
-def _chunk(kind: str, index: int, reason: str, meta: dict) -> str:
-    """A final chunk for choice ``index``, with the stream's own id, created and model."""
-    choice: dict = {"index": index, "finish_reason": reason, "logprobs": None}
+def _chunk_of(line: str) -> Any:
+    """The JSON object of an SSE ``data:`` line, "[DONE]", or None (blank, comment, ``event:``, not an object)."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return data
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return None
+    return chunk if isinstance(chunk, dict) else None
+
+
+def _choice_event(kind: str, i: int, c: dict, part: str) -> Event:
+    """An OpenAI choice as an ``Event``; ``part`` is "delta" (streamed chat) or "message"."""
+    body = (c.get(part) or {}) if kind == "chat" else c
+    text = body.get("content") if kind == "chat" else body.get("text")
+    extra = {k: v for k, v in body.items() if k not in _KNOWN and v is not None} if kind == "chat" else {}
+    return Event(int(c.get("index", i)), text or "", finish_reason=c.get("finish_reason"),
+                 logprobs=_logprobs_in(kind, c.get("logprobs")),
+                 tool_calls=body.get("tool_calls") if kind == "chat" else None, extra=extra)
+
+
+_KNOWN = ("role", "content", "tool_calls")  # message fields the events carry by name
+
+
+def _logprobs_in(kind: str, lp: Any) -> list[dict]:
+    """OpenAI logprobs as the events' ``{"token", "logprob", "top": [(token, logprob)]}``."""
+    if not isinstance(lp, dict):
+        return []
     if kind == "chat":
-        choice["delta"] = {}
-    else:
-        choice["text"] = ""
-    body = {"id": meta.get("id", ""), "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-            "created": meta.get("created", int(time.time())), "model": meta.get("model", ""), "choices": [choice]}
-    return f"data: {json.dumps(body)}\n\n"
+        return [{"token": x["token"], "logprob": x["logprob"],
+                 "top": [(t["token"], t["logprob"]) for t in x.get("top_logprobs") or []]}
+                for x in lp.get("content") or []]
+    tops = lp.get("top_logprobs") or []
+    return [{"token": t, "logprob": v, "top": list((tops[k] or {}).items()) if k < len(tops) else []}
+            for k, (t, v) in enumerate(zip(lp.get("tokens") or [], lp.get("token_logprobs") or []))]
 
 
-class _Passthrough(Exception):
-    """An upstream 4xx: its status and OpenAI-style body go to the client unchanged."""
-
-    def __init__(self, status: int, payload: Any, message: str, retry_after: Optional[str]):
-        super().__init__(message)
-        self.status, self.payload, self.message, self.retry_after = status, payload, message, retry_after
-
-    def body(self) -> Any:
-        if isinstance(self.payload, dict) and "error" in self.payload:
-            return self.payload
-        return {"error": {"message": f"the upstream answered {self.status}: {self.message}",
-                          "type": "invalid_request_error", "param": None, "code": None}}
+async def _close_quietly(resp) -> None:
+    try:
+        await resp.aclose()
+    except Exception:
+        pass

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from lmstack.config import atomic_write_text
+from lmstack.files import atomic_write_text
 from lmstack.errors import LMStackError
 from lmstack.tokenizer.chat import DEFAULT_CHATML_TEMPLATE, render_chat
 from lmstack.tokenizer.stream import IncrementalDecoder

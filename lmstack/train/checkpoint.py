@@ -8,51 +8,31 @@ A run folder keeps ``checkpoints/step-00000120/`` folders, each holding
 * ``state.json``: step, data position, python/numpy RNG states, metrics, the run config,
 * ``manifest.json``: the sha256 and size of each file above, written last.
 
-A save builds the folder under a hidden temporary name, fsyncs every file and the folder,
-then renames it into place, so a kill at any moment leaves either no new checkpoint or a
-complete one. A folder counts only when its manifest exists and every hash matches; temp
-folders and damaged checkpoints are ignored and cleaned up. Retention runs only after the new
-checkpoint is committed, and keeps the last ``keep_last`` plus the best by validation loss.
+A save builds the folder under a hidden temporary name (``lmstack.files.atomic_dir``), fsyncs
+every file and the folder, renames it into place and fsyncs the parent, so a kill at any
+moment leaves either no new checkpoint or a complete one. A folder counts only when its
+manifest exists and every hash matches; temp folders and damaged checkpoints are ignored and
+cleaned up. Retention runs only after the new checkpoint is committed, and keeps the last
+``keep_last`` plus the best by the run's best metric (validation loss unless the stage names
+another).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
 from lmstack.errors import LMStackError
+from lmstack.files import atomic_dir, file_sha256
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "train_state.pt", "state.json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -71,39 +51,24 @@ def _optimizer_tensors(opt_state: dict) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model_tensors: dict[str, torch.Tensor],
-                    train_state: dict[str, Any], state: dict[str, Any], keep_last: int = 2) -> Path:
-    """Write ``step-{step:08d}`` atomically, then apply retention. Returns the folder."""
+                    train_state: dict[str, Any], state: dict[str, Any], keep_last: int = 2,
+                    best: str = "val_loss", mode: Literal["min", "max"] = "min") -> Path:
+    """Write ``step-{step:08d}`` atomically, then apply retention (keeping the best checkpoint
+    by ``state["metrics"][best]``, lowest or highest by ``mode``). Returns the folder."""
     from safetensors.torch import save_file
 
     _check_finite(model_tensors, "model")
     _check_finite(_optimizer_tensors(train_state.get("optimizer", {})), "optimizer")
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_dir, prefix=f".{final.name}.tmp-"))
-    try:
+    with atomic_dir(final) as tmp:  # a re-save of the same step (after a resume) swaps the old one out
         save_file({k: v.contiguous() for k, v in model_tensors.items()}, str(tmp / "model.safetensors"))
         torch.save(train_state, tmp / "train_state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
-        for name in FILES:
-            _fsync_file(tmp / name)
-        manifest = {"step": step, "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size}
+        manifest = {"step": step, "files": {n: {"sha256": file_sha256(tmp / n), "bytes": (tmp / n).stat().st_size}
                                             for n in FILES}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_file(tmp / MANIFEST)
-        _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (after a resume): swap it out
-            old = ckpt_dir / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    apply_retention(ckpt_dir, keep_last)
+    apply_retention(ckpt_dir, keep_last, best, mode)
     return final
 
 
@@ -113,7 +78,7 @@ def is_valid(folder: Path) -> bool:
         manifest = json.loads((folder / MANIFEST).read_text())
         for name, info in manifest["files"].items():
             p = folder / name
-            if p.stat().st_size != info["bytes"] or _sha256(p) != info["sha256"]:
+            if p.stat().st_size != info["bytes"] or file_sha256(p) != info["sha256"]:
                 return False
         return True
     except (OSError, ValueError, KeyError, TypeError):
@@ -156,16 +121,20 @@ def ensure_fresh(ckpt_dir: Path) -> None:
                            "or choose another out_dir")
 
 
-def _val_loss(p: Path) -> float:
+def _score(p: Path, best: str, mode: str) -> float:
+    """The checkpoint's ``best`` metric as a loss (lower is better); inf when it has none."""
     try:
-        v = json.loads((p / "state.json").read_text()).get("metrics", {}).get("val_loss")
+        v = json.loads((p / "state.json").read_text()).get("metrics", {}).get(best)
     except (OSError, ValueError):
         return float("inf")
-    return float(v) if v is not None else float("inf")
+    if v is None:
+        return float("inf")
+    return float(v) if mode == "min" else -float(v)
 
 
-def apply_retention(ckpt_dir: Path, keep_last: int) -> list[str]:
-    """Keep the last ``keep_last`` valid checkpoints and the best by val loss; delete the rest.
+def apply_retention(ckpt_dir: Path, keep_last: int, best: str = "val_loss", mode: str = "min") -> list[str]:
+    """Keep the last ``keep_last`` valid checkpoints and the best by the ``best`` metric
+    (``mode`` min or max); delete the rest.
 
     Called only after a new checkpoint is committed, so the newest good one always survives.
     Damaged folders older than the newest valid one are removed too.
@@ -177,9 +146,9 @@ def apply_retention(ckpt_dir: Path, keep_last: int) -> list[str]:
     if not valid:
         return []
     keep = set(valid[-keep_last:])
-    scored = [p for p in valid if _val_loss(p) < float("inf")]
+    scored = [p for p in valid if _score(p, best, mode) < float("inf")]
     if scored:
-        keep.add(min(scored, key=_val_loss))
+        keep.add(min(scored, key=lambda p: _score(p, best, mode)))
     newest = valid[-1]
     removed = []
     for p in all_:

@@ -1,8 +1,8 @@
-"""Pure helpers the training loops share: config fields, schedules, optimizer groups, losses,
-batch order, MFU, metrics logging, distributed setup.
+"""Pure helpers the training loops share: schedules, optimizer groups, losses, batch order,
+RNG states, MFU, metrics logging, distributed setup and state dicts.
 
-Each stage (``pretrain.py``, ``sft.py``) is one flat loop that calls these; nothing here owns
-the loop.
+Each stage (``pretrain.py``, ``sft.py``) is one flat loop; the state they share (model,
+optimizer, checkpoints, log, progress) lives in ``lmstack.train.run.Run``, built on these.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmstack.errors import LMStackError
+from lmstack.files import atomic_write, atomic_write_text
 from lmstack.quant.linear import QuantEmbedding
-from lmstack.train.checkpoint import latest_checkpoint, save_checkpoint
 from lmstack.train.config import LoopConfig
 from lmstack.train.loss import linear_cross_entropy
 
@@ -214,7 +214,7 @@ class MetricsLog:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():  # drop what the killed run logged past its checkpoint
             keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         if importlib.util.find_spec("tensorboard") is not None:
@@ -266,10 +266,8 @@ def plot_losses(records: list[dict], out: Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 
@@ -357,7 +355,7 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> float:
     return float(torch.nn.utils.clip_grad_norm_(grads, float("inf")))
 
 
-# -- checkpoint plumbing shared by the loops --------------------------------------------------
+# -- optimizer and model state for checkpoints -----------------------------------------------
 
 
 def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, dist_: Dist) -> dict:
@@ -386,60 +384,3 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], train
     with torch.no_grad():
         for k in want:
             own[k].copy_(tensors[k])
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)
-
-
-# -- the parts of a training loop that pretrain and SFT share --------------------------------
-def prepare_training(model: nn.Module, cfg: LoopConfig, dist_: Dist, state: Optional[dict],
-                     train_state: Optional[dict]) -> tuple[nn.Module, nn.Module, bool, torch.optim.Optimizer, list]:
-    """Wrap ``model`` for DDP/FSDP, build its AdamW, restore the optimizer and RNG states of a
-    resumed run (``state``/``train_state`` of ``load_checkpoint_state``, or None), and compile
-    the model if ``cfg.compile``. Returns (model, unwrapped core, fsdp?, optimizer, trainable params)."""
-    model = wrap_model(model, dist_, cfg.distributed, cfg.device)
-    core = model.module if hasattr(model, "module") else model
-    fsdp = dist_.world > 1 and cfg.distributed == "fsdp"
-    opt = make_optimizer(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if state is not None:
-        load_optimizer_state(model, opt, train_state["optimizer"], dist_)
-        set_rng_state(state["rng"], train_state["rng"])
-    if cfg.compile:  # input shapes that vary (SFT's chat batches) each compile once, at first sight
-        model = torch.compile(model)
-    return model, core, fsdp, opt, params
-
-
-def nonfinite_step(loss: float, gnorm: float, step: int, cfg: LoopConfig, ckpts: Path) -> Optional[str]:
-    """None when the step's loss and gradient norm are finite. Otherwise, with
-    ``on_nonfinite: stop``, raise naming the last good checkpoint; with ``skip``, return the
-    message to log for the skipped step."""
-    if is_finite(loss) and is_finite(gnorm):
-        return None
-    msg = f"non-finite loss ({loss}) or gradient norm ({gnorm}) at step {step + 1}"
-    if cfg.on_nonfinite == "stop":
-        raise LMStackError(f"{msg}; stopping (on_nonfinite: stop). Last good checkpoint: "
-                           f"{latest_checkpoint(ckpts)}. Lower lr, check the data, or set on_nonfinite: skip")
-    return msg
-
-
-def save_training_state(model: nn.Module, opt: torch.optim.Optimizer, dist_: Dist, ckpts: Path, step: int,
-                        trainable_only: bool, rec: dict, best: float, data_state: dict, meta: dict,
-                        keep_last: int) -> None:
-    """Checkpoint step ``step``: the (trainable) tensors, optimizer, RNG states, data position
-    and metrics of the step record ``rec``, plus ``meta`` (config, model shape). Collective:
-    every rank calls it; rank 0 writes."""
-    tensors = full_state_dict(model, dist_, trainable_only)
-    opt_sd = optimizer_state(model, opt, dist_)
-    if dist_.main:
-        js, rt = rng_state()
-        metrics = {"loss": rec["loss"], "best_val_loss": best}
-        if "val_loss" in rec:
-            metrics["val_loss"] = rec["val_loss"]
-        save_checkpoint(ckpts, step, tensors, {"optimizer": opt_sd, "rng": rt},
-                        {"data": data_state, "rng": js, "metrics": metrics, **meta}, keep_last=keep_last)
-    if dist_.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()

@@ -38,10 +38,12 @@ class LoopConfig:
         "help": "vocabulary rows per chunk of the fused output projection + loss (the tokens x vocab logits "
                 "never exist; costs one more matmul in backward); 0 = one unfused projection"})
     compile: bool = False
-    eval_interval: int = 50
+    eval_interval: int = field(default=50, metadata={"help": "evaluate every N steps (and at the last)"})
     eval_batches: int = 8
-    log_interval: int = 10
-    ckpt_interval: int = 50
+    log_interval: int = field(default=1, metadata={
+        "help": "write a metrics.jsonl record (and refresh the progress bar's numbers) every N steps; "
+                "evaluations, skipped steps and the last step are always written"})
+    ckpt_interval: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the last)"})
     keep_last: int = 2
     on_nonfinite: Literal["stop", "skip"] = "stop"
     distributed: Literal["auto", "ddp", "fsdp"] = field(
@@ -50,7 +52,7 @@ class LoopConfig:
     progress: bool = True
 
     def check(self) -> None:
-        for name in ("batch_size", "max_steps"):
+        for name in ("batch_size", "max_steps", "eval_interval", "log_interval", "ckpt_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{type(self).__name__}.{name}: got {getattr(self, name)}, expected > 0")
         for name in ("grad_accum", "tokens_per_step", "loss_chunk"):

@@ -15,22 +15,12 @@ tool-call turns in the loss (they train like any assistant turn).
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-from typing import Any, Optional
-
-import torch
-
-from lmstack.config import config_to_dict
 from lmstack.errors import LMStackError
 from lmstack.peft.core import apply_peft, base_loader, describe_params, save_adapter
 from lmstack.train.chat_data import collate, encode_dataset, measure, read_jsonl
-from lmstack.train.checkpoint import ensure_fresh, latest_checkpoint, load_checkpoint_state
+from lmstack.train.common import EpochOrder, token_loss_sum
 from lmstack.train.config import SFTConfig
-from lmstack.train.common import (EpochOrder, MetricsLog, all_reduce_sum, autocast, full_state_dict,
-                                  grad_norm_and_clip, init_distributed, load_model_tensors, lr_at,
-                                  nonfinite_step, prepare_training, save_training_state, seed_all,
-                                  token_loss_sum)
+from lmstack.train.run import Run
 
 
 def _load_base(cfg: SFTConfig):
@@ -68,143 +58,91 @@ def _steps_for_epochs(epochs: float, counts: list[int], seed: int, rows: int, ac
 
 
 def sft(cfg: SFTConfig, resume: bool = False) -> dict:
-    cfg.check()
-    dist_ = init_distributed(cfg.device)
-    run = Path(cfg.out_dir)
-    ckpts = run / "checkpoints"
-    if not resume:
-        ensure_fresh(ckpts)
-    seed_all(cfg.seed)
+    method = cfg.peft.method
+    run = Run.start(cfg, f"sft ({method})", resume, trainable_only=method != "full")
     model, tok = _load_base(cfg)
     apply_peft(model, cfg.peft)
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    trainable_only = cfg.peft.method != "full"
-    if dist_.main:
-        print(f"sft: {cfg.peft.method}, {describe_params(model)}")
+    if run.dist.main:
+        print(f"sft: {method}, {describe_params(model)}")
     train = encode_dataset(tok, read_jsonl(cfg.data), cfg.max_len)
     val_rows = read_jsonl(cfg.val_data) if cfg.val_data else []
     val = encode_dataset(tok, val_rows, cfg.max_len) if val_rows else []
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    rows = cfg.batch_size * dist_.world
+    world, rank = run.dist.world, run.dist.rank
+    rows = cfg.batch_size * world
     accum = cfg.grad_accum or 1
     counts = [sum(m[1:]) for _, m in train]  # target tokens of each example
     if cfg.epochs > 0:
-        cfg.max_steps = _steps_for_epochs(cfg.epochs, counts, cfg.seed, rows, accum, cfg.tokens_per_step)
-    order = EpochOrder(len(train), cfg.seed)
-    step, state, train_state = 0, None, None
-    if resume:
-        ck = latest_checkpoint(ckpts)
-        if ck is None:
-            raise LMStackError(f"--resume: no complete checkpoint under {ckpts}")
-        tensors, train_state, state = load_checkpoint_state(ck)
-        load_model_tensors(model, tensors, trainable_only)
-        step = state["step"]
-        order = EpochOrder(len(train), cfg.seed, epoch=state["data"]["epoch"], cursor=state["data"]["cursor"])
+        steps = _steps_for_epochs(cfg.epochs, counts, cfg.seed, rows, accum, cfg.tokens_per_step)
+        if rank == 0:
+            print(f"sft: epochs {cfg.epochs} = {steps} optimizer steps (this replaces max_steps {cfg.max_steps})")
+        cfg.max_steps = steps
+
+    def evaluate(model) -> dict:
+        total, count = 0.0, 0
+        for i in range(rank * cfg.batch_size, len(val), rows):
+            b = collate(val[i:i + cfg.batch_size], pad)
+            s, n = token_loss_sum(model, b["inputs"].to(cfg.device), b["targets"].to(cfg.device),
+                                  selective=not run.fsdp, loss_chunk=cfg.loss_chunk)
+            total, count = total + float(s), count + n
+        return {"val_loss": run.reduce_sum(total) / max(1.0, run.reduce_sum(count))}
+
+    run.resume(model)
     before = None
-    if cfg.measure and dist_.main and val_rows and not resume:
+    if cfg.measure and run.dist.main and val_rows and not resume:
         before = measure(model, tok, val_rows, cfg.max_len, cfg.measure_max_new_tokens)
         print(f"before: held-out loss {before['loss']:.4f}, exact match {before['exact_match']:.3f}")
-    model, core, fsdp, opt, params = prepare_training(model, cfg, dist_, state, train_state)
-    log = MetricsLog(run, enabled=dist_.main, resume_step=step if resume else None)
+    run.prepare(model, len(train), evaluate=evaluate if val else None)
     if before is not None:
-        log.log({"step": 0, "measure_before": before})
-
-    def evaluate() -> Optional[float]:
-        if not val:
-            return None
-        model.eval()
-        total, count = 0.0, 0
-        with torch.no_grad(), autocast(cfg.device, cfg.dtype):
-            for i in range(dist_.rank * cfg.batch_size, len(val), rows):
-                b = collate(val[i:i + cfg.batch_size], pad)
-                s, n = token_loss_sum(model, b["inputs"].to(cfg.device), b["targets"].to(cfg.device),
-                                      selective=not fsdp, loss_chunk=cfg.loss_chunk)
-                total, count = total + float(s), count + n
-        model.train()
-        return all_reduce_sum(total, dist_) / max(1.0, all_reduce_sum(count, dist_))
-
-    bar = None
-    if dist_.main and cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.max_steps, initial=step, desc=f"sft ({cfg.peft.method})", dynamic_ncols=True)
-    losses: list[float] = []
-    best = state["metrics"].get("best_val_loss", float("inf")) if state else float("inf")
-    model.train()
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        micro_batches = _step_items(order, counts, rows, accum, cfg.tokens_per_step)
+        run.metrics.log({"step": 0, "measure_before": before})
+    for _ in run.steps():
+        micro_batches = _step_items(run.order, counts, rows, accum, cfg.tokens_per_step)
         n_step = sum(counts[i] for mb in micro_batches for i in mb)  # target tokens of the whole global step
         loss_sum, n_tok = 0.0, 0
         for k, mb in enumerate(micro_batches):
-            mine = mb[dist_.rank * cfg.batch_size:(dist_.rank + 1) * cfg.batch_size]
-            b = collate([train[i] for i in mine], pad, cfg.packing, cfg.max_len)
+            b = collate([train[i] for i in mb[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]], pad,
+                        cfg.packing, cfg.max_len)
             kw = {"doc_ids": b["doc_ids"].to(cfg.device)} if cfg.packing else {}
-            sync = k == len(micro_batches) - 1 or dist_.world == 1 or fsdp
-            ctx = model.no_sync() if not sync else torch.enable_grad()
-            with ctx, autocast(cfg.device, cfg.dtype):
-                s, n = token_loss_sum(model, b["inputs"].to(cfg.device), b["targets"].to(cfg.device),
-                                      selective=not fsdp, loss_chunk=cfg.loss_chunk, **kw)
-                (s * (dist_.world / n_step)).backward()
+            with run.micro_batch(last=k == len(micro_batches) - 1):
+                s, _ = token_loss_sum(run.model, b["inputs"].to(cfg.device), b["targets"].to(cfg.device),
+                                      selective=not run.fsdp, loss_chunk=cfg.loss_chunk, **kw)
+                (s * (world / n_step)).backward()
             loss_sum, n_tok = loss_sum + s.item(), n_tok + b["inputs"].numel()
-        loss = all_reduce_sum(loss_sum, dist_) / n_step
-        gnorm = grad_norm_and_clip(params, cfg.grad_clip)
-        skipped = nonfinite_step(loss, gnorm, step, cfg, ckpts)
-        if skipped:
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            log.log({"step": step, "skipped": skipped})
-            continue
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        tps = all_reduce_sum(n_tok, dist_) / (time.perf_counter() - t0)
-        rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps,
-               "step_time_s": time.perf_counter() - t0, "epoch": order.epoch, "target_tokens": n_step,
-               "micro_batches": len(micro_batches)}
-        losses.append(loss)
-        last_step = step == cfg.max_steps
-        if step % cfg.eval_interval == 0 or last_step:
-            v = evaluate()
-            if v is not None:
-                rec["val_loss"] = v
-                best = min(best, v)
-        log.log(rec)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-        if step % cfg.ckpt_interval == 0 or last_step:
-            save_training_state(model, opt, dist_, ckpts, step, trainable_only, rec, best, order.state(),
-                                {"config": config_to_dict(cfg)}, cfg.keep_last)
-    if bar is not None:
-        bar.close()
-    summary: dict[str, Any] = {"run_dir": str(run), "steps": step, "losses": losses}
-    final = core
-    if fsdp:  # gather the trained tensors (collective) into an unsharded copy on rank 0
-        tensors = full_state_dict(model, dist_, trainable_only)
-        if dist_.main:
-            final, _ = _load_base(cfg)
-            apply_peft(final, cfg.peft)
-            load_model_tensors(final, tensors, trainable_only)
-    if dist_.main:
+        run.end_step(run.reduce_sum(loss_sum) / n_step, tokens=n_tok,
+                     metrics={"target_tokens": n_step, "micro_batches": len(micro_batches)})
+
+    final = run.final_model(lambda: _peft_model(cfg))
+    after = None
+    if final is not None:
         if cfg.measure and val_rows:
             after = measure(final, tok, val_rows, cfg.max_len, cfg.measure_max_new_tokens)
-            log.log({"step": step, "measure_after": after})
+            run.metrics.log({"step": run.step, "measure_after": after})
             print(f"after: held-out loss {after['loss']:.4f}, exact match {after['exact_match']:.3f}")
-            summary.update(before=before, after=after)
-        from lmstack.model.checkpoint import save_native
-
-        if cfg.peft.method == "full":
-            save_native(final, run / "final", tok, metadata={"source": "lmstack sft", "steps": step})
-        else:
-            save_adapter(final, run / "adapter")
-            if cfg.export_merged:
-                from lmstack.peft import merge_and_unload
-
-                save_native(merge_and_unload(final), run / "final", tok, metadata={"source": "lmstack sft (merged)"})
-        summary["plot"] = str(log.plot(f"sft {cfg.peft.method}") or "")
-    log.close()
+        _save_final(final, tok, cfg, run)
+    summary = run.finish(f"sft {method}")
+    if after is not None:
+        summary.update(before=before, after=after)
     return summary
+
+
+def _peft_model(cfg: SFTConfig):
+    """A fresh base with the run's PEFT modules: what rank 0 loads an FSDP run's tensors into."""
+    model, _ = _load_base(cfg)
+    apply_peft(model, cfg.peft)
+    return model
+
+
+def _save_final(final, tok, cfg: SFTConfig, run: Run) -> None:
+    """``final/`` (a native model) for full fine-tuning; ``adapter/`` for PEFT, plus a merged
+    ``final/`` with ``export_merged``."""
+    from lmstack.model.checkpoint import save_native
+
+    if cfg.peft.method == "full":
+        save_native(final, run.dir / "final", tok, metadata={"source": "lmstack sft", "steps": run.step})
+        return
+    save_adapter(final, run.dir / "adapter")
+    if cfg.export_merged:
+        from lmstack.peft import merge_and_unload
+
+        save_native(merge_and_unload(final), run.dir / "final", tok, metadata={"source": "lmstack sft (merged)"})

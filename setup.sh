@@ -8,6 +8,17 @@ PY=${PYTHON:-python3}
 DEV=0
 [ "${1:-}" = "--dev" ] && DEV=1
 
+# bubblewrap sandboxes the candidate programs of `lmstack eval code` (lmstack/eval/code_exec.py).
+if ! command -v bwrap >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
+    else
+        echo "note: bubblewrap (bwrap) is missing and this is not root with apt-get; install it" \
+             "(e.g. sudo apt-get install bubblewrap) or 'lmstack eval code' refuses to run candidates" >&2
+    fi
+fi
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 

@@ -74,8 +74,7 @@ def test_64_streams_half_disconnecting_leave_nothing_running(tmp_path):
             return await asyncio.gather(*(client(i) for i in range(64)))
 
         results = asyncio.run(main())
-        last_disconnect = max(t for _, _, t, text in results if text is None)
-        deadline = last_disconnect + 1.0
+        deadline = time.monotonic() + 10  # a bound on the wait, not a speed claim: tokens_after_cancel is that
         while time.monotonic() < deadline:
             st = engine.stats()
             if (st["running"], st["waiting"], st["busy_slots"]) == (0, 0, 0):
@@ -83,7 +82,6 @@ def test_64_streams_half_disconnecting_leave_nothing_running(tmp_path):
             time.sleep(0.01)
         st = engine.stats()
         assert (st["running"], st["waiting"], st["busy_slots"]) == (0, 0, 0), st
-        assert time.monotonic() <= deadline + 0.05
         finished = [r for r in results if r[3] is not None]
         assert len(finished) == 32 and all(text == expected_text(1, 20) for *_, text in finished)
         # Every disconnected request stopped at once: once the server saw the disconnect and
@@ -114,23 +112,45 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _spawn(args: list[str], port: int) -> subprocess.Popen:
+    """Start ``python args...`` and wait until it listens on ``port``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError("server did not start: " + proc.stdout.read().decode())
+            time.sleep(0.1)
+
+
+# ``lmstack serve`` over a fake model whose every forward blocks: a stuck engine.
+STUCK_SERVER = """
+import sys, threading
+from lmstack.serve.config import ServeConfig
+from lmstack.serve.server import build_backend, serve
+cfg = ServeConfig(model="fake", port=int(sys.argv[1]), drain_timeout=float(sys.argv[2]))
+backend = build_backend(cfg)
+backend.engine.model.hang = threading.Event()
+sys.exit(serve(cfg, backend))
+"""
+
+
+def _http(port: int, method: str, path: str, body=None):
+    from tests.test_serve import request
+
+    return request(f"http://127.0.0.1:{port}", method, path, body)
+
+
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_streams_then_exits_0():
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "lmstack", "serve", "--model", "fake:25", "--port", str(port),
-                             "--drain-timeout", "20"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = _spawn(["-m", "lmstack", "serve", "--model", "fake:25", "--port", str(port), "--drain-timeout", "20"], port)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read().decode()
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.1)
-
         async def main():
             streams = [await open_stream(port, {"prompt": "a", "max_tokens": 40, "stream": True}) for _ in range(8)]
             texts = []
@@ -151,6 +171,59 @@ def test_sigterm_drains_in_flight_streams_then_exits_0():
         for text, last, reason in done:
             assert last == "[DONE]" and reason == "length" and text == expected_text(1, 40)
         assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_while_draining_the_listener_stays_open_and_answers_503_with_retry_after():
+    port = _free_port()
+    proc = _spawn(["-c", STUCK_SERVER, str(port), "60"], port)
+    try:
+        async def main():
+            reader, writer, _ = await open_stream(port, {"prompt": "a", "max_tokens": 5, "stream": True})
+            proc.send_signal(signal.SIGTERM)  # the stream never ends: the drain lasts until the second signal
+            deadline = time.monotonic() + 30
+            while (ready := await asyncio.to_thread(_http, port, "GET", "/ready"))[0] == 200:
+                assert time.monotonic() < deadline, "the server never started draining"
+                await asyncio.sleep(0.05)
+            new = await asyncio.to_thread(_http, port, "POST", "/v1/completions", {"prompt": "a", "max_tokens": 2})
+            proc.send_signal(signal.SIGTERM)
+            rest = await asyncio.wait_for(reader.read(), 30)  # the server closes the stuck stream
+            writer.close()
+            return ready, new, rest
+
+        ready, new, rest = asyncio.run(main())
+        status, headers, body = ready
+        assert status == 503 and body["status"] == "draining" and body["detail"]["in_flight"] == 1
+        assert 1 <= int(headers["retry-after"]) <= 60
+        status, headers, body = new
+        assert status == 503 and int(headers["retry-after"]) >= 1 and "shutting down" in body["error"]["message"]
+        assert b"[DONE]" not in rest
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_sigterm_with_a_stuck_engine_exits_after_the_drain_timeout():
+    port = _free_port()
+    proc = _spawn(["-c", STUCK_SERVER, str(port), "1"], port)
+    try:
+        async def main():
+            reader, writer, _ = await open_stream(port, {"prompt": "a", "max_tokens": 5, "stream": True})
+            proc.send_signal(signal.SIGTERM)
+            rest = await asyncio.wait_for(reader.read(), 30)  # cut when the drain timeout passes
+            writer.close()
+            return rest
+
+        assert b"[DONE]" not in asyncio.run(main())
+        # Exits once the 1 s drain is over: well before the 10 s an engine join used to wait on the stuck step.
+        assert proc.wait(timeout=8) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

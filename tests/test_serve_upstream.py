@@ -126,6 +126,22 @@ def test_upstream_5xx_is_mapped_and_never_crashes(servers):
     assert request(px.url, "GET", "/ready")[0] == 200
 
 
+def test_upstream_503_passes_through_with_its_retry_after(servers):
+    up = servers(model="fake")
+    px = servers(upstream=up.url)
+    up.state.draining = True  # the upstream is shutting down: it answers 503 with Retry-After
+    for stream in (False, True):
+        status, headers, payload = request(px.url, "POST", "/v1/completions",
+                                           {"prompt": "a", "max_tokens": 3, "stream": stream})
+        assert status == 503 and payload["error"]["type"] == "upstream_error", payload
+        assert "503" in payload["error"]["message"] and int(headers["retry-after"]) >= 1
+    assert request(px.url, "GET", "/health")[0] == 503  # the latest upstream attempt failed
+    up.state.draining = False
+    status, _, payload = request(px.url, "POST", "/v1/completions", {"prompt": "a", "max_tokens": 3})
+    assert status == 200 and payload["choices"][0]["text"] == expected_text(1, 3)
+    assert request(px.url, "GET", "/health")[0] == 200
+
+
 def _log_lines(log, n: int, timeout: float = 10.0) -> list[str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

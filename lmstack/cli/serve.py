@@ -19,7 +19,11 @@ def register(sub) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    from lmstack.cli._common import note_model
     from lmstack.serve.config import ServeConfig
     from lmstack.serve.server import serve
 
-    return serve(config_from_recipe(ServeConfig, a.config, a))
+    cfg = config_from_recipe(ServeConfig, a.config, a)
+    if not cfg.upstream:
+        note_model(cfg.model)
+    return serve(cfg)

@@ -7,11 +7,11 @@ engine's watchdog sees no progress), ``GET /ready`` (503 while loading or draini
 
 What keeps it up: every malformed request is a 4xx with an OpenAI-style body naming the
 field (``errors.py``); bodies past ``max_body_bytes`` are refused before they are read,
-API keys and a per-key rate limit are checked (``admission.py``); the engine queue is
-bounded (429 with ``Retry-After``); a per-request deadline; SSE comments (``: ping``) keep
-idle streams open; a client that disconnects has its sequences cancelled at once
-(``completions.py``); on SIGTERM ``server.py`` stops accepting and drains in-flight
-streams. One JSON line per request goes to ``request_log`` (``record.py``; prompts only
+API keys, a brake on key guessing and a per-key rate limit are checked (``admission.py``);
+the engine queue is bounded (429 with ``Retry-After``); a per-request deadline; SSE
+comments (``: ping``) keep idle streams open; a client that disconnects has its sequences
+cancelled at once (``completions.py``); on SIGTERM ``server.py`` answers new requests with
+503 while in-flight streams drain. One JSON line per request goes to ``request_log`` (``record.py``; prompts only
 with ``log_prompts``).
 """
 

@@ -1,8 +1,9 @@
 """The local backend: the in-process engine over an lmstack model.
 
 ``open(kind, req, request)`` turns a validated request into a started ``Job``: it checks what
-only the model can check (prompt length against the context, token ids, the JSON schema)
-and raises ``APIError`` (a 4xx with the field named), then submits one engine request per
+only the model can check (prompt length against the context, token ids against the
+vocabulary, whether a JSON schema can be enforced, tool names) and raises ``APIError`` (a
+400 with the field named and an error ``code``), then submits one engine request per
 choice (``QueueFull`` becomes a 429). ``Job.events()`` yields ``Event`` s, one per choice
 per step, which the handlers format (``completions.py``), exactly as they do an upstream's.
 
@@ -25,9 +26,12 @@ from lmstack.errors import LMStackError, UnsupportedError
 from lmstack.infer.engine import Engine, EngineRequest, QueueFull, RequestHandle
 from lmstack.infer.sampling import SamplingParams
 from lmstack.serve.events import APIError, Event
-from lmstack.serve.protocol import MAX_STOP, ChatRequest, CompletionRequest
+from lmstack.serve.protocol import ChatRequest, CompletionRequest
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+# Error codes of the 400s only the model can decide (``protocol.py`` states every other limit).
+CONTEXT_EXCEEDED = "context_length_exceeded"  # OpenAI's code for the same error
+INVALID_SCHEMA = "invalid_json_schema"
 
 
 @dataclass
@@ -102,14 +106,7 @@ class Job:
 
 
 def _sampling(req, max_tokens: int, seed: Optional[int], want_logprobs: bool) -> SamplingParams:
-    if req.presence_penalty or req.frequency_penalty:
-        name = "presence_penalty" if req.presence_penalty else "frequency_penalty"
-        raise APIError(400, f"{name}: only 0 is supported; use repetition_penalty (lmstack extension)", name)
-    if req.logit_bias:
-        raise APIError(400, "logit_bias: not supported by this server", "logit_bias")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > MAX_STOP or any(not s for s in stop):
-        raise APIError(400, f"stop: expected up to {MAX_STOP} non-empty strings, got {stop!r}"[:300], "stop")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])  # non-empty, at most MAX_STOP
     return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
                           stop=stop, repetition_penalty=req.repetition_penalty, logprobs=want_logprobs,
                           ignore_eos=req.ignore_eos)
@@ -155,8 +152,9 @@ class LocalBackend:
         ok = self.engine.alive and stalled <= watchdog_s
         return ok, {"engine_alive": self.engine.alive, "stalled_s": round(stalled, 3), "watchdog_s": watchdog_s}
 
-    def close(self) -> None:
-        self.engine.shutdown()
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the engine, waiting at most ``timeout`` s for a step in progress (a stuck one is left)."""
+        self.engine.shutdown(timeout)
 
     def grammars(self):
         if self._grammars is None:
@@ -172,40 +170,28 @@ class LocalBackend:
         return job
 
     # -- preparing requests ------------------------------------------------------------------
-    def _max_tokens(self, requested: Optional[int], n_prompt: int, field_name: str) -> int:
+    def _max_tokens(self, requested: Optional[int], n_prompt: int, field_name: str, prompt_field: str) -> int:
+        """The output budget; past the context a 400 naming ``field_name`` (or ``prompt_field``,
+        "prompt" or "messages", when the prompt alone fills it)."""
         ctx = self.context_length
+        has = "the prompt has" if prompt_field == "prompt" else "the messages have"
         if requested is None:
             if n_prompt >= ctx:
-                raise APIError(400, f"this model's context is {ctx} tokens and the prompt has {n_prompt} tokens, "
-                                    "which leaves no room for output", "messages" if field_name != "max_tokens" else "prompt")
+                raise APIError(400, f"this model's context is {ctx} tokens and {has} {n_prompt} tokens, which "
+                                    "leaves no room for output", prompt_field, code=CONTEXT_EXCEEDED)
             return ctx - n_prompt
         if n_prompt + requested > ctx:
-            raise APIError(400, f"this model's context is {ctx} tokens, but the prompt has {n_prompt} tokens and "
-                                f"{field_name} is {requested} ({n_prompt + requested} in total); shorten the prompt "
-                                f"or lower {field_name}", field_name)
+            raise APIError(400, f"this model's context is {ctx} tokens, but {has} {n_prompt} tokens and "
+                                f"{field_name} is {requested} ({n_prompt + requested} in total); shorten the "
+                                f"{prompt_field} or lower {field_name}", field_name, code=CONTEXT_EXCEEDED)
         return requested
 
     def _deadline(self) -> Optional[float]:
         return time.monotonic() + self.request_timeout if self.request_timeout else None
 
     def prepare_completion(self, req: CompletionRequest) -> Job:
-        if req.echo:
-            raise APIError(400, "echo: not supported by this server", "echo")
-        if req.suffix:
-            raise APIError(400, "suffix: not supported by this server", "suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise APIError(400, f"best_of: only best_of == n is supported (got best_of={req.best_of}, n={req.n})", "best_of")
-        p = req.prompt
-        if isinstance(p, str):
-            prompts: list[Any] = [p]
-        elif p and all(isinstance(x, int) for x in p):
-            prompts = [p]
-        else:
-            prompts = list(p)
-        if not prompts:
-            raise APIError(400, "prompt: got an empty list, expected a string, strings or token ids", "prompt")
-        if len(prompts) * req.n > 64:
-            raise APIError(400, f"prompt: {len(prompts)} prompts x n={req.n} is more than 64 choices", "prompt")
+        p = req.prompt  # the protocol guarantees 1 to MAX_PROMPTS non-empty prompts
+        prompts: list[Any] = [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
         vocab = self.engine.model.config.vocab_size
         ids_list = []
         for i, x in enumerate(prompts):
@@ -214,12 +200,13 @@ class LocalBackend:
                 raise APIError(400, f"prompt[{i}]: empty prompt (0 tokens), expected at least one token", "prompt")
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise APIError(400, f"prompt[{i}]: token id {bad[0]} is not in [0, {vocab})", "prompt")
+                raise APIError(400, f"prompt[{i}]: token id {bad[0]} is not in [0, {vocab})", "prompt",
+                               code="invalid_token_id")
             ids_list.append(ids)
         want = req.logprobs is not None
         reqs = []
         for ids in ids_list:
-            max_new = self._max_tokens(req.max_tokens, len(ids), "max_tokens")
+            max_new = self._max_tokens(req.max_tokens, len(ids), "max_tokens", "prompt")
             for j in range(req.n):
                 seed = None if req.seed is None else req.seed + j
                 reqs.append(EngineRequest(ids, _sampling(req, max_new, seed, want), top_logprobs=req.logprobs or 0,
@@ -230,10 +217,7 @@ class LocalBackend:
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer, so it cannot chat", "messages")
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
-        choice = req.tool_choice
-        if choice is not None and not tools and choice != "none":
-            raise APIError(400, "tool_choice: given without tools", "tool_choice")
-        if tools and choice != "none":
+        if tools and req.tool_choice != "none":
             grammar, tool_mode, tools = self._tool_grammar(req, tools)
         else:
             grammar, tool_mode = self._format_grammar(req.response_format), None
@@ -246,10 +230,8 @@ class LocalBackend:
                            "messages") from None
         fname = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_new = self._max_tokens(requested, len(ids), fname)
-        tops = req.top_logprobs or 0
-        if tops and not req.logprobs:
-            raise APIError(400, "top_logprobs: needs logprobs to be true", "top_logprobs")
+        max_new = self._max_tokens(requested, len(ids), fname, "messages")
+        tops = req.top_logprobs or 0  # above 0 only with logprobs (protocol)
         reqs = []
         for j in range(req.n):
             seed = None if req.seed is None else req.seed + j
@@ -260,23 +242,21 @@ class LocalBackend:
     def _tool_grammar(self, req: ChatRequest, tools: list[dict]) -> tuple[Any, str, list[dict]]:
         """(grammar, tool mode, the tools offered) for a request with tools and a tool_choice other than none."""
         choice = req.tool_choice
-        if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(400, "response_format: cannot be combined with tools; use one or the other",
-                           "response_format")
         names = [t["function"]["name"] for t in tools]
         if len(set(names)) != len(names):
-            raise APIError(400, f"tools: function names must be unique, got {names}", "tools")
+            raise APIError(400, f"tools: function names must be unique, got {names}", "tools",
+                           code="duplicate_tool_name")
         if choice is not None and not isinstance(choice, str):
             if choice.function.name not in names:
                 raise APIError(400, f"tool_choice: function {choice.function.name!r} is not in tools {names}",
-                               "tool_choice")
+                               "tool_choice", code="unknown_tool")
             tools = [t for t in tools if t["function"]["name"] == choice.function.name]
         mode = "required" if choice is not None and choice != "auto" else "auto"
         try:
             grammar = self.grammars().tool_calls(tools, required=mode == "required", open_tag=TOOL_OPEN,
                                                  close_tag=TOOL_CLOSE)
         except UnsupportedError as e:
-            raise APIError(400, str(e), "tools") from None
+            raise APIError(400, str(e), "tools", code=INVALID_SCHEMA) from None
         return grammar, mode, tools
 
     def _format_grammar(self, rf) -> Any:
@@ -286,12 +266,9 @@ class LocalBackend:
         try:
             if rf.type == "json_object":
                 return self.grammars().json_object()
-            if rf.json_schema is None or rf.json_schema.schema_ is None:
-                raise APIError(400, "response_format.json_schema.schema: required when type is json_schema",
-                               "response_format.json_schema")
             return self.grammars().json_schema(rf.json_schema.schema_, "response_format.json_schema.schema")
         except UnsupportedError as e:
-            raise APIError(400, str(e), "response_format.json_schema.schema") from None
+            raise APIError(400, str(e), "response_format.json_schema.schema", code=INVALID_SCHEMA) from None
 
     # -- running -----------------------------------------------------------------------------
     def start(self, job: Job) -> None:

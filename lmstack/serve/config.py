@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-from lmstack.infer.engine import EngineConfig
+from lmstack.infer.engine_config import EngineConfig
 
 
 @dataclass
@@ -21,7 +21,8 @@ class ServeConfig(EngineConfig):
     port: int = field(default=8000, metadata={"help": "port to bind (0: any free port)"})
     model_name: Optional[str] = field(default=None, metadata={"help": "model id reported by /v1/models (default: derived from --model)"})
     dtype: Optional[str] = field(default=None, metadata={"help": "float32 or bfloat16"})
-    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
+    adapter: Optional[str] = field(default=None, metadata={"help": "a LoRA / PEFT adapter folder (lmstack.peft.save_adapter) to attach to the model"})
+    threads: int = field(default=0, metadata={"help": "torch threads, set before the model loads (0: torch's default)"})
     api_keys: list[str] = field(default_factory=list, metadata={"help": "accepted API keys (none: no auth)"})
     rate_limit_rpm: float = field(default=0.0, metadata={"help": "requests per minute per API key (0: unlimited)"})
     request_timeout: float = field(default=600.0, metadata={"help": "per-request deadline in seconds (0: none)"})

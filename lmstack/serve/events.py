@@ -30,20 +30,22 @@ def error_body(message: str, type: str = "invalid_request_error", param: Optiona
 class APIError(Exception):
     """An error for the client: HTTP status, OpenAI error type, and the offending field.
 
+    ``code`` is OpenAI's machine-readable ``error.code`` (``context_length_exceeded``, say);
     ``payload`` is a body to send as it is (an upstream's own 4xx answer); ``kind`` is the
     ``lmstack_errors_total`` label (the type unless given).
     """
 
     def __init__(self, status: int, message: str, param: Optional[str] = None,
                  type: str = "invalid_request_error", headers: Optional[dict] = None,
-                 payload: Optional[dict] = None, kind: Optional[str] = None):
+                 payload: Optional[dict] = None, kind: Optional[str] = None, code: Optional[str] = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.type = status, message, param, type
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
         self.headers = headers or {}
         self.payload, self.kind = payload, kind or type
 
     def body(self) -> dict:
-        return self.payload if self.payload is not None else error_body(self.message, self.type, self.param)
+        return self.payload if self.payload is not None else error_body(self.message, self.type, self.param,
+                                                                         self.code)
 
 
 class ClientGone(Exception):

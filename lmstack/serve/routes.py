@@ -20,7 +20,7 @@ from lmstack.serve.protocol import (ChatCompletion, ChatRequest, Completion, Com
 
 router = APIRouter()
 
-_ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 429, 502, 503, 504)}
+_ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 502, 503, 504)}
 # Each SSE event: "data: <a JSON chunk or error>" or "data: [DONE]".
 _SSE = {"text/event-stream": {"schema": {"type": "object", "properties": {"data": {"type": "string"}}}}}
 
@@ -40,10 +40,9 @@ async def embeddings(req: EmbeddingRequest, request: Request):
     ctx = context(request)
     ctx.admission.check(request)
     if not ctx.cfg.embeddings or not ctx.backend.can_embed:
-        raise APIError(400, "this server has no embedding model (start it with --embeddings)", "model")
-    texts = [req.input] if isinstance(req.input, str) else list(req.input)
-    if not texts or len(texts) > 256 or any(not t for t in texts):
-        raise APIError(400, "input: expected 1 to 256 non-empty strings", "input")
+        raise APIError(404, "this server has no embedding model (start it with --embeddings)", "model",
+                       type="not_found_error")
+    texts = [req.input] if isinstance(req.input, str) else list(req.input)  # 1 to MAX_INPUTS non-empty strings
     vectors, n_tokens, name = await asyncio.to_thread(ctx.backend.embed, texts)
     if req.dimensions is not None and req.dimensions != len(vectors[0]):
         raise APIError(400, f"dimensions: this encoder gives {len(vectors[0])} dimensions, got {req.dimensions}",
@@ -75,7 +74,8 @@ async def ready(request: Request):
     ok = state.ready and not state.draining
     return JSONResponse({"status": "ready" if ok else ("draining" if state.draining else "loading"),
                          "detail": ctx.backend.stats() | {"in_flight": state.in_flight}},
-                        status_code=200 if ok else 503)
+                        status_code=200 if ok else 503,
+                        headers={"Retry-After": str(state.retry_after())} if state.draining else None)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

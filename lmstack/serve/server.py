@@ -1,9 +1,12 @@
 """Running the server: load the model, start the engine, serve with uvicorn, drain on SIGTERM.
 
 ``serve(cfg)`` blocks until SIGTERM/SIGINT. On the signal the server marks itself draining
-(``/ready`` turns 503 and new requests get 503), closes its listening socket, lets
-in-flight requests and streams finish for up to ``drain_timeout`` seconds, stops the
-engine, and returns 0. ``ServerThread`` runs the same server in a background thread
+and keeps listening: ``/ready`` and new generating requests get 503 with ``Retry-After``
+(so a load balancer moves on instead of seeing refused connections) while in-flight requests
+and streams finish. Once none is left, or ``drain_timeout`` seconds have passed (streams
+still open are then cut), uvicorn closes the listener and the connections, the engine is
+stopped without waiting on a step that never ends, and ``serve`` returns 0. A second
+signal stops at once. ``ServerThread`` runs the same server in a background thread
 (tests, benchmarks, notebooks).
 """
 
@@ -11,7 +14,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Optional
+import time
+from typing import Callable, Optional
 
 from lmstack.errors import ConfigError, LMStackError
 from lmstack.serve.app import create_app
@@ -26,6 +30,9 @@ def build_backend(cfg: ServeConfig):
     from lmstack.infer.engine import Engine
     from lmstack.serve.backend import LocalBackend
 
+    if cfg.adapter is not None and (cfg.upstream or (cfg.model or "").startswith("fake")):
+        raise ConfigError(f"adapter: got {cfg.adapter!r}, but an adapter attaches to a loaded model, "
+                          "not to --upstream or the fake model")
     if cfg.upstream:
         if cfg.model is not None:
             raise ConfigError(f"model: got {cfg.model!r} together with upstream {cfg.upstream!r}; give one of them")
@@ -43,25 +50,50 @@ def build_backend(cfg: ServeConfig):
         step = float(cfg.model.split(":", 1)[1]) / 1000 if ":" in cfg.model else 0.0  # fake:<ms per step>
         model, tok, name = FakeModel(step_seconds=step), byte_level_tokenizer(), "fake"
     else:
-        from lmstack.infer.llm import LLM
+        from lmstack.infer.llm import LLM, resolve_model
 
         llm = LLM.load(cfg.model, dtype=cfg.dtype)
+        if cfg.adapter:  # as ``lmstack eval run --adapter`` does
+            from lmstack.peft import load_adapter
+
+            load_adapter(llm.model, cfg.adapter)
+            llm.model.eval()
         model, tok = llm.model, llm.tokenizer
-        name = cfg.model_name or (str(cfg.model).rstrip("/").split("/")[-1] if cfg.model else "SmolLM2-135M-Instruct")
+        default = not cfg.model or resolve_model(cfg.model) != cfg.model  # None, "default" or its name
+        name = cfg.model_name or ("SmolLM2-135M-Instruct" if default else str(cfg.model).rstrip("/").split("/")[-1])
     engine = Engine(model, tok, cfg.engine()).start()
     return LocalBackend(engine, tok, cfg.model_name or name,
                         request_timeout=cfg.request_timeout if cfg.request_timeout > 0 else None)
 
 
-def _uvicorn_server(app, cfg: ServeConfig, state: ServerState, sock=None):
+ENGINE_STOP_S = 1.0  # at exit, how long to wait for the engine's step in progress
+
+
+def _uvicorn_server(app, cfg: ServeConfig, state: ServerState, on_shutdown: Optional[Callable[[], None]] = None):
     import uvicorn
 
     class _DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: stop accepting, drain, exit
+        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: drain, then exit
+            if state.draining or self.should_exit:  # a second signal: stop now
+                self.should_exit = self.force_exit = True
+                return
+            state.drain_deadline = time.monotonic() + cfg.drain_timeout
             state.draining = True
-            super().handle_exit(sig, frame)
-            if sig == signal.SIGTERM:  # a drained SIGTERM is a clean exit (0), not death by signal
-                self._captured_signals.remove(sig)
+            if sig != signal.SIGTERM:  # a drained SIGTERM is a clean exit (0); SIGINT is raised again at the end
+                self._captured_signals.append(sig)
+
+        async def on_tick(self, counter: int) -> bool:
+            if state.drain_deadline is not None and not self.should_exit:  # a signal started the drain
+                left = state.drain_deadline - time.monotonic()
+                if state.in_flight == 0 or left <= 0:  # drained, or out of time: uvicorn's shutdown
+                    self.config.timeout_graceful_shutdown = max(0.1, left)  # for requests not counted in flight
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
+        async def shutdown(self, sockets=None) -> None:
+            await super().shutdown(sockets)
+            if on_shutdown is not None:  # before asyncio.run waits for worker threads that wait on the engine
+                on_shutdown()
 
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=cfg.drain_timeout, timeout_keep_alive=5, lifespan="off")
@@ -77,14 +109,21 @@ def serve(cfg: ServeConfig, backend=None) -> int:
     backend = backend or build_backend(cfg)
     state = ServerState()
     app = create_app(backend, cfg, state)
-    server = _uvicorn_server(app, cfg, state)
+    stopped = threading.Event()
+
+    def stop_backend() -> None:
+        if not stopped.is_set():
+            stopped.set()
+            state.draining = True
+            backend.close(timeout=ENGINE_STOP_S)
+
+    server = _uvicorn_server(app, cfg, state, on_shutdown=stop_backend)
     print(f"lmstack serve: {backend.model_name} on http://{cfg.host}:{cfg.port} (Ctrl-C or SIGTERM to stop)",
           flush=True)
     try:
         server.run()
     finally:
-        state.draining = True
-        backend.close()
+        stop_backend()
     return 0
 
 

@@ -78,7 +78,7 @@ class UpstreamBackend:
         failing = self.last_failure is not None and (self.last_ok is None or self.last_failure > self.last_ok)
         return not failing, {"upstream": self.base, "upstream_failing": failing}
 
-    def close(self) -> None:
+    def close(self, timeout: float = 0.0) -> None:
         self._client = None  # its event loop has ended with the server
 
     async def aclose(self) -> None:

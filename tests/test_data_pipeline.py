@@ -1,11 +1,14 @@
 """``prepare`` end to end: shards decode to the kept documents, resume is byte-identical,
-mixtures follow their weights, every recipe loads, the CLI reports errors without a trace."""
+mixtures follow their weights, every recipe loads, the CLI reports errors without a trace; a run
+that keeps nothing is an error; quality overrides, decontamination flags and custom scrubbers
+do what docs/data.md says."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ import pytest
 
 from lmstack.cli.main import main
 from lmstack.config import load_config
+from lmstack.data.dedup import normalized_words
 from lmstack.data.pipeline import PrepareConfig, mix_sources, prepare, split_of
 from lmstack.data.readers import ReadStats, SourceConfig
 from lmstack.data.shards import TokenShards
@@ -204,7 +208,7 @@ def test_cli_prepare_and_errors(corpus, tmp_path, capsys):
     assert main(["data", "prepare", str(path), "--workers", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "kept" in out and "train:" in out and "report.md" in out
-    assert main(["data", "info", str(tmp_path / "cli")]) == 0
+    assert main(["data", "info", str(tmp_path / "cli"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["complete"] is True
 
     cfg["dedup"]["threshold"] = 1.5
@@ -216,3 +220,125 @@ def test_cli_prepare_and_errors(corpus, tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["data", "prepare", str(path), "--output", str(tmp_path / "other")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+# ---- documented behaviour of smaller features, on documents-only runs (no tokenizer) --------
+
+def _docs_run(tmp_path: Path, sources: dict[str, list[str]], **kw) -> PrepareConfig:
+    """A run over one JSONL file per source (ids ``name:i``) that stops after phase 1."""
+    from lmstack.config import config_from_dict
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for name, texts in sources.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts)))
+        specs.append({"name": name, "kind": "jsonl", "paths": [str(path)], "id_field": "id"})
+    return config_from_dict(PrepareConfig, {"output": str(tmp_path / "out"), "workers": 1,
+                                            "progress": False, "sources": specs, **kw})
+
+
+def test_nothing_kept_is_an_error_that_says_why(corpus, tmp_path, capsys):
+    import yaml
+
+    from lmstack.errors import LMStackError
+
+    rng = random.Random(21)
+    leaked = random_text(rng, 120)
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"text": leaked}) + "\n")
+    texts = ["Too short to keep."] * 3 + ["Also far too short, and a list:\n- a\n- b"] + [leaked, leaked.upper()]
+    cfg = _docs_run(tmp_path, {"web": texts}, tokenizer=corpus["tokenizer"],
+                    decontam={"eval_sets": [{"name": "bench", "kind": "jsonl",
+                                             "paths": [str(tmp_path / "eval.jsonl")]}]})
+    with pytest.raises(LMStackError) as e:
+        prepare(cfg)
+    assert str(e.value).startswith("all 6 documents were removed: quality 4 (too_few_words), "
+                                   "exact_dedup 1 (duplicate), decontam 1 (contaminated); nothing to write")
+    out = tmp_path / "out"
+    assert not out.exists()  # nothing that could pass for a finished (or resumable) run
+    # The same run from the CLI: one line on stderr, exit status 2, no traceback.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
+    out.mkdir()
+    assert main(["data", "prepare", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "all 6 documents were removed: quality 4" in err
+    assert not list(out.iterdir())  # the folder existed before, so it stays, empty
+    # Several reasons in one step are listed with their counts; an empty source says so.
+    texts = ["Too short to keep."] * 2 + ["zzz " * 60]
+    with pytest.raises(LMStackError, match=r"all 3 documents were removed: quality 3 "
+                                           r"\(too_few_words 2, (\w+) 1\)"):
+        prepare(_docs_run(tmp_path, {"web": texts}, overwrite=True))
+    with pytest.raises(LMStackError, match=r"no documents were read from the sources \['web'\]"):
+        prepare(_docs_run(tmp_path, {"web": []}))
+
+
+def test_quality_overrides_apply_per_source(tmp_path):
+    rng = random.Random(22)
+    # 44 words, under the Gopher minimum of 50; the last sentence supplies its stop words.
+    short = [random_text(rng, 30) + " The end of the story was told to the family, and that is all."
+             for _ in range(4)]
+    assert all(len(t.split()) == 44 for t in short)
+    long = [random_text(rng, 120) for _ in range(3)]
+    sources = {"web": short[:2] + long, "notes": short[2:]}
+    report = prepare(_docs_run(tmp_path, sources, quality_overrides={"notes": {"min_words": 10}}))
+    kept = {k["id"] for k in _kept(tmp_path / "out")}
+    assert kept == {"notes:0", "notes:1", "web:2", "web:3", "web:4"}  # web keeps the default of 50
+    assert report["removed"]["quality/too_few_words"]["docs"] == 2
+    # null turns a rule off for that source only; other rules of the source stay as they were.
+    report = prepare(_docs_run(tmp_path / "b", {**sources, "notes": short[2:] + ["x" * 5000]},
+                               quality_overrides={"notes": {"min_words": None}}))
+    assert {k["id"] for k in _kept(tmp_path / "b" / "out")} == kept
+    assert report["sources"]["notes"]["docs_read"] == 3 and report["sources"]["notes"]["docs_kept"] == 2
+    with pytest.raises(ConfigError, match="min_wrds"):
+        _docs_run(tmp_path, sources, quality_overrides={"notes": {"min_wrds": 10}})
+    with pytest.raises(ConfigError, match="unknown source"):
+        _docs_run(tmp_path, sources, quality_overrides={"blog": {"min_words": 10}})
+
+
+def test_decontam_flag_keeps_and_lists_contaminated_documents(tmp_path):
+    rng = random.Random(23)
+    items = [random_text(rng, 30) for _ in range(3)]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"id": str(i), "q": q}) + "\n"
+                                                 for i, q in enumerate(items)))
+    texts = [random_text(rng, 100) for _ in range(4)]
+    texts[1] = random_text(rng, 60) + " " + items[2] + " " + random_text(rng, 60)
+    eval_sets = [{"name": "bench", "kind": "jsonl", "paths": [str(tmp_path / "eval.jsonl")],
+                  "fields": ["q"], "id_field": "id"}]
+    report = prepare(_docs_run(tmp_path, {"web": texts}, decontam={"eval_sets": eval_sets, "action": "flag"}))
+    kept = _kept(tmp_path / "out")
+    assert [k["id"] for k in kept] == ["web:0", "web:1", "web:2", "web:3"]  # nothing dropped
+    assert kept[1]["contaminated"] == ["bench:2"]
+    assert all("contaminated" not in k for i, k in enumerate(kept) if i != 1)
+    hits = len(normalized_words(items[2])) - 13 + 1
+    assert report["flagged"] == [{"id": "web:1", "ngram_hits": hits, "eval_items": ["bench:2"]}]
+    assert not any(r.startswith("decontam/") for r in report["removed"])
+    assert report["steps"]["decontam"]["docs_in"] == report["steps"]["decontam"]["docs_out"] == 4
+    # The default action drops the same document.
+    report = prepare(_docs_run(tmp_path / "d", {"web": texts}, decontam={"eval_sets": eval_sets}))
+    assert [k["id"] for k in _kept(tmp_path / "d" / "out")] == ["web:0", "web:2", "web:3"]
+    assert report["removed"]["decontam/contaminated"]["docs"] == 1 and not report["flagged"]
+
+
+_TICKET = re.compile(r"\bTICKET-\d+\b")
+
+
+def scrub_tickets(text: str) -> tuple[str, int]:
+    """A custom scrubber: ``text -> (text, replacements)``."""
+    return _TICKET.subn("<TICKET>", text)
+
+
+@pytest.mark.parametrize("pii", [False, True])
+def test_custom_scrubbers_run_in_the_workers(tmp_path, pii):
+    rng = random.Random(24)
+    texts = [f"{random_text(rng, 60)} Write to ann@example.org about TICKET-{i} and TICKET-9{i}. "
+             f"{random_text(rng, 60)}" for i in range(6)]
+    report = prepare(_docs_run(tmp_path, {"web": texts}, workers=2, batch_docs=2, clean={"pii": pii}),
+                     scrubbers={"ticket": scrub_tickets})
+    kept = _kept(tmp_path / "out")
+    assert len(kept) == 6
+    assert all("TICKET-" not in k["text"] and k["text"].count("<TICKET>") == 2 for k in kept)
+    assert report["pii_replacements"]["ticket"] == 12
+    # Custom scrubbers come in addition to the built-in ones, which still follow clean.pii.
+    assert all(("ann@example.org" in k["text"]) != pii for k in kept)
+    assert report["pii_replacements"].get("email", 0) == (6 if pii else 0)

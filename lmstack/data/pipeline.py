@@ -41,9 +41,9 @@ from lmstack.data.dedup import DedupConfig, ExactIndex, LSHIndex, MinHasher, con
 from lmstack.data.document import Document
 from lmstack.data.filters import QualityConfig, apply_filters
 from lmstack.data.readers import ReadStats, SourceConfig, read_source, validate_source
-from lmstack.data.report import RunReport
+from lmstack.data.report import STEPS, RunReport
 from lmstack.data.shards import FORMAT, VERSION, ShardWriter, token_dtype
-from lmstack.errors import ConfigError
+from lmstack.errors import ConfigError, LMStackError
 from lmstack.files import atomic_open, atomic_write_text, file_sha256
 from lmstack.tokenizer.train import TokenizerTrainConfig
 
@@ -96,11 +96,17 @@ class PrepareConfig:
         if unknown:
             raise ConfigError(f"PrepareConfig.quality_overrides: unknown source(s) {unknown}; "
                               f"sources are {names}")
+        self.quality_for()  # a misspelt rule in an override fails here, naming the field
 
     def quality_for(self) -> dict[str, QualityConfig]:
-        base = dataclasses.asdict(self.quality)
-        return {s.name: config_from_dict(QualityConfig, {**base, **self.quality_overrides.get(s.name, {})})
-                for s in self.sources}
+        """Each source's quality rules: ``quality`` updated by its ``quality_overrides`` entry."""
+        base, out = dataclasses.asdict(self.quality), {}
+        for s in self.sources:
+            try:
+                out[s.name] = config_from_dict(QualityConfig, {**base, **self.quality_overrides.get(s.name, {})})
+            except ConfigError as e:
+                raise ConfigError(f"PrepareConfig.quality_overrides.{s.name}: {e}") from None
+        return out
 
     def fingerprint(self) -> str:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUNTIME_FIELDS}
@@ -219,10 +225,11 @@ def run_documents(cfg: PrepareConfig, out: Path, scrubbers: dict[str, Scrubber] 
         report.data["decontam"] = {"eval_items": eval_ngrams.items, "too_short": eval_ngrams.too_short,
                                    "ngrams": int(len(eval_ngrams.hashes)), "n": cfg.decontam.ngram}
     exact, near = ExactIndex(), LSHIndex(cfg.dedup.num_perm, cfg.dedup.threshold, cfg.dedup.verify,
-                                         (cfg.dedup.false_positive_weight, cfg.dedup.false_negative_weight))
-    report.data["dedup"] = {"bands": near.bands, "rows": near.rows}
+                                         (cfg.dedup.false_positive_weight, cfg.dedup.false_negative_weight),
+                                         cfg.dedup.lsh_recall)
+    report.data["dedup"] = {"bands": near.bands, "rows": near.rows, "verify": near.verify}
     t_start = time.perf_counter()
-    docs_in = chars_in = 0
+    docs_in = chars_in = docs_kept = 0
     bar = _progress(cfg.progress, desc="documents")
     initargs = (cfg.clean, cfg.quality_for(), cfg.dedup, eval_ngrams, scrubbers)
     with atomic_open(out / "documents.jsonl", "w", encoding="utf-8") as f:
@@ -247,9 +254,12 @@ def run_documents(cfg: PrepareConfig, out: Path, scrubbers: dict[str, Scrubber] 
                         rec["contaminated"] = r["flag"]
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     report.source(doc.source, docs_kept=1, chars_kept=len(text))
+                    docs_kept += 1
             bar.update(len(results))
             bar.set_postfix_str(f"{chars_in / 1e6 / max(time.perf_counter() - t_start, 1e-9):.2f} MB/s")
-    bar.close()
+        bar.close()
+        if not docs_kept:  # raised inside the block, so no documents.jsonl appears
+            raise nothing_kept_error(cfg, report, stats)
     report.data["read_errors"] = stats.errors
     report.data["notes"] += stats.notes
     report.data["files_read"] = stats.files
@@ -258,6 +268,27 @@ def run_documents(cfg: PrepareConfig, out: Path, scrubbers: dict[str, Scrubber] 
         s = report.data["steps"][name]
         _throughput(report, f"{name} (per worker)", s["docs_in"], s["chars_in"], s["seconds"])
     return report
+
+
+def nothing_kept_error(cfg: PrepareConfig, report: RunReport, stats: ReadStats) -> LMStackError:
+    """Why a run kept no document: the removals per step and reason, or that nothing was read."""
+    read = report.data["steps"]["read"]["docs_in"]
+    if not read:
+        errors = ""
+        if stats.errors:
+            errors = f"; {len(stats.errors)} unreadable file(s)/record(s), the first {stats.errors[0]['where']}"
+        return LMStackError(f"no documents were read from the sources "
+                            f"{[s.name for s in cfg.sources]}{errors}; nothing to write")
+    by_step: dict[str, dict[str, int]] = {}
+    for r_key, r in report.data["removed"].items():
+        by_step.setdefault(r["step"], {})[r_key.split("/", 1)[1]] = r["docs"]
+    parts = []
+    for step in (s for s in STEPS if s in by_step):
+        reasons = sorted(by_step[step].items(), key=lambda kv: (-kv[1], kv[0]))
+        detail = reasons[0][0] if len(reasons) == 1 else ", ".join(f"{k} {n:,}" for k, n in reasons)
+        parts.append(f"{step} {sum(by_step[step].values()):,} ({detail})")
+    return LMStackError(f"all {read:,} documents were removed: {', '.join(parts)}; nothing to write "
+                        "(see the quality:, dedup: and decontam: settings of the recipe)")
 
 
 def _decide(r: dict[str, Any], cfg: PrepareConfig, report: RunReport, exact: ExactIndex,
@@ -458,6 +489,7 @@ def prepare(cfg: PrepareConfig, scrubbers: dict[str, Scrubber] | None = None,
         raise ConfigError(f"PrepareConfig.tokenizer: {cfg.tokenizer} does not exist (expected a "
                           "tokenizer.json, a model folder or a .gguf file)")
     out = Path(cfg.output)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else None
@@ -476,7 +508,12 @@ def prepare(cfg: PrepareConfig, scrubbers: dict[str, Scrubber] | None = None,
         return json.loads((out / "report.json").read_text())
 
     if state is None or not (out / "documents.jsonl").is_file():
-        report = run_documents(cfg, out, scrubbers)
+        try:
+            report = run_documents(cfg, out, scrubbers)
+        except LMStackError:
+            if created and not any(out.iterdir()):
+                out.rmdir()  # a run that stopped before writing anything leaves no folder behind
+            raise
         state = {"fingerprint": cfg.fingerprint(), "complete": False, "report": report.to_json()}
         atomic_write_text(state_path, json.dumps(state))
     else:

@@ -73,6 +73,7 @@ class PlantedSet:
     docs: list[tuple[str, str]] = field(default_factory=list)  # (id, text) in stream order
     near_duplicates: set[str] = field(default_factory=set)  # ids that copy an earlier document
     exact_duplicates: set[str] = field(default_factory=set)
+    original: dict[str, str] = field(default_factory=dict)  # copy id -> id of the document it copies
 
 
 def planted_duplicates(n_docs: int = 200, n_near: int = 40, n_exact: int = 10, n_partial: int = 20,
@@ -87,10 +88,13 @@ def planted_duplicates(n_docs: int = 200, n_near: int = 40, n_exact: int = 10, n
     out.docs = [(f"doc{i}", t) for i, t in enumerate(originals)]
     extra: list[tuple[str, str, str]] = []
     for j in range(n_near):
-        extra.append(("near", f"near{j}", mutate(rng.choice(originals), rng, rate)))
+        i = rng.choice(range(n_docs))  # draws exactly like rng.choice(originals)
+        out.original[f"near{j}"] = f"doc{i}"
+        extra.append(("near", f"near{j}", mutate(originals[i], rng, rate)))
     for j in range(n_exact):
-        src = rng.choice(originals)
-        extra.append(("exact", f"exact{j}", "  " + src.upper().replace(" ", "   ") + " "))
+        i = rng.choice(range(n_docs))
+        out.original[f"exact{j}"] = f"doc{i}"
+        extra.append(("exact", f"exact{j}", "  " + originals[i].upper().replace(" ", "   ") + " "))
     for j in range(n_partial):
         src = rng.choice(originals).split(" ")
         half = " ".join(src[: len(src) // 2])

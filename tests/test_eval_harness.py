@@ -69,6 +69,13 @@ def test_every_shipped_suite_loads():
                                               "multiple_choice", "pairwise", "perplexity", "rag", "selfcheck"]
 
 
+def test_the_docs_show_the_shipped_smoke_suite():
+    doc = (SUITES.parents[2] / "docs" / "eval.md").read_text()
+    head = "# lmstack/eval/suites/smoke.yaml (shipped)\n"
+    block = doc.split("```yaml\n" + head)[1].split("```")[0]
+    assert block == (SUITES / "smoke.yaml").read_text()
+
+
 def test_tasks_with_a_perfect_model_score_perfectly():
     suite = load_config(SuiteConfig, SUITES / "smoke.yaml")
     model = ScriptedModel(right_mc_ids={it.id for it in D.load_multiple_choice()})
@@ -79,7 +86,7 @@ def test_tasks_with_a_perfect_model_score_perfectly():
     assert table["translation.bleu"] == pytest.approx(100.0) and table["translation.chrf"] == pytest.approx(100.0)
     assert table["summarization.rouge1"] == pytest.approx(1.0) and table["summarization.meteor"] > 0.99
     assert table["mc.accuracy"] == 1.0 and table["code.pass@1"] == 1.0
-    assert report.passed and len(report.gates) == 2
+    assert report.passed and len(report.gates) == 4
     assert any(n.startswith("sandbox:") for t in report.tasks for n in t.notes)
     assert any(n.startswith("METEOR:") for t in report.tasks for n in t.notes)
 

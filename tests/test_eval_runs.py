@@ -264,3 +264,17 @@ def test_cli_limit_keeps_a_smaller_task_limit(tmp_path):
     assert main(["eval", "run", str(suite), "--model", "tiny-llama", "--out", str(tmp_path / "out"), "--limit", "2",
                  "--no-cache"]) == 0
     assert [t.n for t in load_report(tmp_path / "out" / "report.json").tasks] == [1, 2]
+
+
+@pytest.mark.slow
+def test_the_shipped_smoke_suite_passes_its_gates_with_the_default_model(smollm2, tmp_path):
+    """A new user's first `lmstack eval run lmstack/eval/suites/smoke.yaml --model default` exits 0."""
+    from pathlib import Path
+
+    from lmstack.config import load_config
+    from lmstack.eval.report import run_suite
+    from lmstack.eval.tasks import SuiteConfig
+
+    suite = load_config(SuiteConfig, Path(D.__file__).parents[1] / "suites" / "smoke.yaml")
+    report = run_suite(suite, LLMModel(smollm2, batch_size=8), "default", progress=False)
+    assert report.gates and report.passed, [g.message() for g in report.gates]

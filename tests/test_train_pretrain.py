@@ -352,7 +352,7 @@ def test_cli_pretrain_and_errors(shards, tmp_path, capsys):
 
     rc = main(["pretrain", str(ROOT / "recipes" / "train" / "pretrain-tiny.yaml"), "--data", str(shards),
                "--out-dir", str(tmp_path / "run"), "--max-steps", "2", "--seq-len", "32", "--batch-size", "2",
-               "--peak-flops", "1e12", "--no-progress", "--eval-interval", "2"])
+               "--peak-flops", "1e12", "--no-progress", "--eval-interval", "2", "--json"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2
     assert main(["pretrain", str(tmp_path / "missing.yaml")]) == 2
@@ -361,3 +361,39 @@ def test_cli_pretrain_and_errors(shards, tmp_path, capsys):
     bad.write_text("lr: fast\n")
     assert main(["sft", str(bad)]) == 2
     assert "SFTConfig.lr: got 'fast', expected a number" in capsys.readouterr().err
+
+
+def test_a_missing_data_folder_names_it_and_the_command_that_makes_it(tmp_path, monkeypatch):
+    from lmstack.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)  # a checkout where the data demo has not run yet
+    (tmp_path / "recipes" / "data").mkdir(parents=True)
+    shutil.copy(ROOT / "recipes" / "data" / "offline-corpora.yaml", tmp_path / "recipes" / "data")
+    cfg = PretrainConfig(**{**vars(_cfg(tmp_path, tmp_path / "out")), "data": "runs/data/offline-corpora"})
+    with pytest.raises(ConfigError) as info:
+        pretrain(cfg)
+    assert str(info.value).startswith("PretrainConfig.data: runs/data/offline-corpora does not exist;")
+    assert "Make them with `lmstack data prepare recipes/data/offline-corpora.yaml`" in str(info.value)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(ConfigError, match="elsewhere holds no meta.json.*`lmstack data prepare RECIPE.yaml`"):
+        pretrain(_cfg(tmp_path / "elsewhere", tmp_path / "out"))
+
+
+def test_the_shipped_tiny_recipe_says_where_its_data_comes_from():
+    head = (ROOT / "recipes" / "train" / "pretrain-tiny.yaml").read_text().split("\ndata:")[0]
+    assert "lmstack data prepare recipes/data/offline-corpora.yaml" in head
+
+
+def test_every_step_skipped_writes_no_final_model(shards, tmp_path, monkeypatch):
+    import lmstack.train.pretrain as pt
+
+    real = pt.token_loss_sum
+
+    def poisoned(*a, **kw):
+        s, n = real(*a, **kw)
+        return s * float("nan"), n
+
+    monkeypatch.setattr(pt, "token_loss_sum", poisoned)
+    with pytest.raises(LMStackError, match="all 4 steps of this run were skipped"):
+        pretrain(_cfg(shards, tmp_path, max_steps=4, on_nonfinite="skip", eval_interval=100))
+    assert not (tmp_path / "final").exists()

@@ -2,6 +2,7 @@
 own metrics and a higher-is-better best metric logs, evaluates, checkpoints and resumes."""
 
 import json
+from typing import Callable
 
 import pytest
 import torch
@@ -127,3 +128,105 @@ def test_retention_keeps_the_best_by_a_higher_is_better_metric(tmp_path):
         ck.save_checkpoint(tmp_path, step, {"w": torch.zeros(2)}, {}, {"metrics": {"val_acc": acc}},
                            keep_last=1, best="val_acc", mode="max")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000004"]
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("lr", 1e39, "got 1e+39, expected 0 < lr <= 1"),
+    ("lr", float("nan"), "got nan, expected 0 < lr <= 1"),
+    ("lr", 0.0, "got 0.0, expected 0 < lr <= 1"),
+    ("min_lr", -1e-5, "got -1e-05, expected 0 <= min_lr <= lr (0.1)"),
+    ("weight_decay", 1e39, "got 1e+39, expected in [0, 1]"),
+    ("beta1", 1.0, "got 1.0, expected in [0, 1)"),
+    ("beta2", -0.5, "got -0.5, expected in [0, 1)"),
+    ("grad_clip", -1.0, "got -1.0, expected >= 0"),
+    ("grad_clip", float("inf"), "got inf, expected >= 0"),
+    ("warmup_steps", -1, "got -1, expected >= 0"),
+    ("decay_fraction", 1.5, "got 1.5, expected in [0, 1]"),
+    ("eval_batches", 0, "got 0, expected > 0"),
+    ("max_skips_in_a_row", 0, "got 0, expected > 0"),
+])
+def test_options_out_of_range_are_named_before_anything_runs(tmp_path, field, value, expected):
+    from lmstack.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        Run.start(_cfg(tmp_path, **{field: value}), "toy")
+    assert str(info.value).startswith(f"LoopConfig.{field}: {expected}")
+
+
+def _drive(cfg: LoopConfig, bad: Callable[[int], str] = lambda step: "") -> dict:
+    """The toy's loop, with step ``s`` (1-based) made non-finite where ``bad(s)`` names what:
+    "loss", "grad" or "both"."""
+    run = Run.start(cfg, "toy")
+    model = nn.Linear(4, 1)
+    run.resume(model)
+    run.prepare(model, len(X))
+    for step in run.steps():
+        what = bad(step + 1)
+        idx = [i for _, i in run.order.take(8)]
+        with run.micro_batch():
+            s = nn.functional.binary_cross_entropy_with_logits(run.model(X[idx]).squeeze(-1), Y[idx])
+            inf = float("inf") if what in ("grad", "both") else 0.0  # every weight's gradient becomes +inf
+            (s + run.model.weight.sum() * inf).backward()
+        run.end_step(float("nan") if what in ("loss", "both") else s.item())
+    return run.finish()
+
+
+@pytest.mark.parametrize("what,message", [
+    ("loss", "non-finite loss (nan) at step 2;"),
+    ("grad", "non-finite gradient norm (inf) at step 2;"),
+    ("both", "non-finite loss (nan) and gradient norm (inf) at step 2;"),
+])
+def test_the_nonfinite_message_names_what_was_not_finite(tmp_path, what, message):
+    with pytest.raises(LMStackError) as info:
+        _drive(_cfg(tmp_path, ckpt_interval=1), lambda s: what if s == 2 else "")
+    assert str(info.value).startswith(message)
+    assert "Last good checkpoint: " + str(tmp_path / "checkpoints" / "step-00000001") in str(info.value)
+
+
+def test_an_optimizer_overflow_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:  # what AdamW raises when lr / bias correction leaves the float range
+            raise RuntimeError("value cannot be converted to type float without overflow")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(LMStackError, match="optimizer step overflowed at step 4") as info:
+        _drive(_cfg(tmp_path, on_nonfinite="skip"))
+    assert "Last good checkpoint: " + str(tmp_path / "checkpoints" / "step-00000003") in str(info.value)
+
+
+def test_skip_mode_stops_after_max_skips_in_a_row(tmp_path, capsys):
+    cfg = _cfg(tmp_path / "a", max_steps=20, on_nonfinite="skip", max_skips_in_a_row=3)
+    with pytest.raises(LMStackError) as info:
+        _drive(cfg, lambda s: "loss" if s >= 5 else "")
+    msg = str(info.value)
+    assert msg.startswith("3 steps in a row were skipped, the last for a non-finite loss (nan) at step 7")
+    assert "Last good checkpoint: " + str(tmp_path / "a" / "checkpoints" / "step-00000003") in msg
+    assert "toy: non-finite loss (nan) at step 5: update skipped (on_nonfinite: skip)" in capsys.readouterr().err
+    skipped = [x["step"] for x in _records(tmp_path / "a") if "skipped" in x]
+    assert skipped == [5, 6, 7]
+    # skips that are not in a row never add up to the limit
+    r = _drive(_cfg(tmp_path / "b", max_steps=9, on_nonfinite="skip", max_skips_in_a_row=2),
+               lambda s: "loss" if s % 2 == 0 else "")
+    assert r["steps"] == 9 and len(r["losses"]) == 5
+
+
+def test_a_run_whose_every_step_was_skipped_is_an_error(tmp_path):
+    with pytest.raises(LMStackError, match="all 4 steps of this run were skipped") as info:
+        _drive(_cfg(tmp_path, max_steps=4, on_nonfinite="skip"), lambda s: "both")
+    assert "Last good checkpoint: none yet" in str(info.value)
+
+
+def test_threads_sets_the_cpu_thread_count_before_the_model_is_built(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        Run.start(LoopConfig(out_dir=str(tmp_path / "a"), threads=1, progress=False), "t")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(Exception, match="threads"):
+        Run.start(LoopConfig(out_dir=str(tmp_path / "b"), threads=-1, progress=False), "t")

@@ -1,8 +1,10 @@
 """SFT: assistant-only masks, packing, golden losses, resume, the shipped instruction set."""
 
+import io
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -301,3 +303,111 @@ def test_qlora_sft_quantises_the_base_while_it_loads(tmp_path, monkeypatch):
     after = sft(_cfg(tmp_path / "b", data, model=str(folder), max_steps=3, peft=peft))
     assert streamed["losses"] == after["losses"] and len(streamed["losses"]) == 3
     assert (tmp_path / "a" / "run" / "adapter").is_dir()
+
+
+def test_sft_checks_its_data_before_it_loads_the_model(tmp_path, monkeypatch):
+    import lmstack.train.sft as sft_mod
+    from lmstack.errors import ConfigError
+
+    def no_loading(cfg):
+        raise AssertionError("the model loaded before the data was checked")
+
+    monkeypatch.setattr(sft_mod, "_load_base", no_loading)
+    good = _write(tmp_path)
+    with pytest.raises(ConfigError, match=r"^data: .*missing.jsonl not found \(expected a JSONL file"):
+        sft(_cfg(tmp_path, tmp_path / "missing.jsonl"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(ConfigError, match=r"^data: .*empty.jsonl is empty \(expected a JSONL file"):
+        sft(_cfg(tmp_path, empty))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text() + '{"messages": [{"role": "user", "content": "unterminated}]}\n')
+    with pytest.raises(LMStackError) as info:
+        sft(_cfg(tmp_path, bad))
+    assert str(info.value).endswith("bad.jsonl:25: not valid JSON (Unterminated string starting at: column 43)")
+    bad.write_text('["a list"]\n')
+    with pytest.raises(LMStackError, match="bad.jsonl:1: got a JSON list, expected an object"):
+        sft(_cfg(tmp_path, bad))
+    with pytest.raises(ConfigError, match="^val_data: .*missing.jsonl not found"):
+        sft(_cfg(tmp_path, good, val_data=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(ConfigError, match=r"^SFTConfig.max_len: got 0, expected > 0"):
+        sft(_cfg(tmp_path, good, max_len=0))
+
+
+def test_an_extreme_learning_rate_is_a_one_line_error(tmp_path, capsys):
+    from lmstack.cli.main import main
+
+    assert main(["sft", "--model", "tiny-llama", "--lr", "1e39", "--out-dir", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "lmstack: error: SFTConfig.lr: got 1e+39, expected 0 < lr <= 1"
+    assert "Traceback" not in err
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so tqdm draws its bars."""
+
+    def isatty(self):
+        return True
+
+
+def test_measure_shows_a_bar_over_the_examples_on_a_terminal(monkeypatch):
+    from lmstack.infer.llm import LLM
+    from lmstack.train.chat_data import measure
+
+    llm = LLM.load("tiny-llama", seed=0)
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Z"}]} for q in "ab"]
+    for progress, shown in ((True, True), (False, False)):
+        err = _Terminal()
+        monkeypatch.setattr(sys, "stderr", err)
+        measure(llm.model, llm.tokenizer, rows, 128, 4, progress=progress, desc="measure before")
+        assert ("measure before" in err.getvalue() and "4/4" in err.getvalue()) == shown  # 2 scored + 2 decoded
+
+
+def _tiny_llama_gguf(path):
+    """A one-layer llama GGUF with a byte-level tokenizer: eleven tensors."""
+    import gguf
+    import numpy as np
+
+    chars = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    tokens = ["<|endoftext|>", "<|im_end|>"] + [chr(b) if b in chars else chr(next(extra)) for b in range(256)]
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((w.add_context_length, 64), (w.add_embedding_length, 8), (w.add_block_count, 1),
+                   (w.add_feed_forward_length, 16), (w.add_head_count, 2), (w.add_head_count_kv, 2)):
+        add(v)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3] + [1] * 256)
+    w.add_token_merges([])
+    w.add_eos_token_id(0)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (len(tokens), 8), "blk.0.attn_norm.weight": (8,), "blk.0.ffn_norm.weight": (8,),
+              "output_norm.weight": (8,), "blk.0.ffn_gate.weight": (16, 8), "blk.0.ffn_up.weight": (16, 8),
+              "blk.0.ffn_down.weight": (8, 16)}
+    shapes.update({f"blk.0.attn_{p}.weight": (8, 8) for p in ("q", "k", "v", "output")})
+    for name, shape in shapes.items():
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_the_first_gguf_load_says_it_converts_and_shows_a_bar(tmp_path, monkeypatch):
+    """SFT's default base is a GGUF: its first load converts for about half a minute."""
+    from lmstack.model.gguf_loader import load_gguf
+
+    path = _tiny_llama_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setenv("LMSTACK_CACHE", str(tmp_path / "cache"))
+    err = _Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    load_gguf(path)
+    lines = err.getvalue()
+    assert f"converting tiny.gguf to a cached fp32 copy under {tmp_path / 'cache' / 'gguf'} (once)\n" in lines
+    assert "dequantising" in lines and "11/11" in lines
+    monkeypatch.setattr(sys, "stderr", again := _Terminal())
+    load_gguf(path)  # from the cache: nothing to say
+    assert again.getvalue() == ""

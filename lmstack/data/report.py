@@ -80,11 +80,14 @@ class RunReport:
             out.append(f"| {name} | {s['docs_in']:,} | {s['docs_out']:,} | "
                        f"{s['docs_in'] - s['docs_out']:,} | {s['chars_in']:,} | {s['chars_out']:,} | "
                        f"{s['seconds']:.1f} |")
+        out += ["", "## Removed, by reason"]
         if png_name:
-            out += ["", f"![documents removed per reason]({png_name})"]
-        out += ["", "## Removed, by reason", "", "| reason | docs | chars |", "|---|---:|---:|"]
+            out += ["", f"![documents removed per reason, log scale]({png_name})"]
+        # the counts span orders of magnitude: the table beside the (log-scale) chart gives them exactly
+        total = sum(r["docs"] for r in d["removed"].values()) or 1
+        out += ["", "| reason | docs | share of removed | chars |", "|---|---:|---:|---:|"]
         for reason, r in sorted(d["removed"].items(), key=lambda kv: -kv[1]["docs"]):
-            out.append(f"| {reason} | {r['docs']:,} | {r['chars']:,} |")
+            out.append(f"| {reason} | {r['docs']:,} | {r['docs'] / total:.1%} | {r['chars']:,} |")
         out += ["", "## Sources", "", "| source | " + " | ".join(_source_cols(d)) + " |",
                 "|---|" + "---:|" * len(_source_cols(d))]
         for name, s in d["sources"].items():
@@ -132,7 +135,7 @@ class RunReport:
                         body.append(f"<h{n}>{html.escape(m.group(2))}</h{n}>")
                     elif ln.strip():
                         body.append(f"<p>{html.escape(ln)}</p>")
-            if png is not None and block.startswith("## Steps"):
+            if png is not None and block.startswith("## Removed, by reason"):
                 body.append(f'<img alt="removed per reason" src="data:image/png;base64,'
                             f'{base64.b64encode(png.read_bytes()).decode()}">')
         style = ("body{font-family:sans-serif;max-width:70em;margin:auto}table{border-collapse:collapse}"
@@ -152,10 +155,15 @@ class RunReport:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(8, 0.35 * len(removed) + 1.2))
-        ax.barh([k for k, _ in removed], [v["docs"] for _, v in removed], color="#4a7fb5")
-        for i, (_, v) in enumerate(removed):
-            ax.text(v["docs"], i, f" {v['docs']:,}", va="center", fontsize=8)
-        ax.set_xlabel("documents removed")
+        docs = [v["docs"] for _, v in removed]
+        # log scale: one reason often removes thousands and the next a handful, and a bar of
+        # 1 next to 4,608 would not show on a linear axis (the report's table has the numbers)
+        ax.barh([k for k, _ in removed], [n - 0.5 for n in docs], left=0.5, color="#4a7fb5")  # bars end at n
+        ax.set_xscale("log")
+        ax.set_xlim(0.5, max(docs) * 4)
+        for i, n in enumerate(docs):
+            ax.text(n, i, f" {n:,}", va="center", fontsize=8)
+        ax.set_xlabel("documents removed (log scale)")
         ax.set_title("Documents removed per step/reason")
         fig.tight_layout()
         tmp = path.with_name(f".{path.name}.tmp.png")

@@ -15,6 +15,7 @@ import datetime
 import html
 import json
 import os
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,9 +29,16 @@ from lmstack.eval.tasks import Model, SuiteConfig, TaskResult, check_judge, run_
 from lmstack.files import atomic_write, atomic_write_text
 
 REPORT_VERSION = 2
-# metrics not on a [0, 1] higher-is-better scale, left out of the chart
-_NOT_UNIT = {"bleu", "chrf", "perplexity", "bits_per_byte", "judge_error_rate", "judge_errors", "judge_seed_std",
-             "judge_low_confidence", "position_bias", "g_eval", "gpt_score", "selfcheck_ngram", "selfcheck_bertscore"}
+# Metrics not on a [0, 1] higher-is-better scale, left out of the chart, and why (listed under it).
+_OFF_CHART = {
+    "bleu": "on a 0-100 scale", "chrf": "on a 0-100 scale", "g_eval": "on a 1-5 scale",
+    "perplexity": "unbounded, lower is better", "bits_per_byte": "unbounded, lower is better",
+    "selfcheck_ngram": "unbounded, lower is better", "gpt_score": "a mean log-probability (<= 0)",
+    "selfcheck_bertscore": "lower is better", "judge_error_rate": "judge diagnostics, lower is better",
+    "judge_low_confidence": "judge diagnostics, lower is better", "position_bias": "judge diagnostics, lower is better",
+    "judge_errors": "counts", "judge_seed_std": "a spread across judge seeds",
+}
+_CHART_SLOTS = 14  # bar slots per row of the chart: a task spans as many as it has bars
 
 
 @dataclass
@@ -79,7 +87,7 @@ class EvalReport:
         if worst:
             lines += ["", "## Worst examples", "", "| task | id | scores | prediction | reference |", "|---|---|---|---|---|"]
             for t, ex in worst:
-                lines.append(f"| {t.name} | {ex.get('id', '')} | {_fmt_scores(ex.get('scores', {}))} | "
+                lines.append(f"| {t.name} | {ex.get('id', '')} | {_example_scores(t, ex)} | "
                              f"{_cell(ex.get('prediction', ''))} | {_cell(_first(ex.get('references')))} |")
         return "\n".join(lines) + "\n"
 
@@ -91,12 +99,15 @@ class EvalReport:
             for t in self.tasks for m, v in t.metrics.items())
         gates = "".join(f"<tr><td><code>{e(g.gate)}</code></td><td>{g.value:.4g}</td><td>{g.threshold:.4g}</td>"
                         f"<td>{'pass' if g.passed else '<b>FAIL</b>'}</td></tr>" for g in self.gates)
-        worst = "".join(f"<tr><td>{e(t.name)}</td><td>{e(str(ex.get('id', '')))}</td><td>{e(_fmt_scores(ex.get('scores', {})))}"
+        worst = "".join(f"<tr><td>{e(t.name)}</td><td>{e(str(ex.get('id', '')))}</td><td>{e(_example_scores(t, ex))}"
                         f"</td><td><pre>{e(str(ex.get('prompt', ''))[-400:])}</pre></td><td><pre>{e(str(ex.get('prediction', '')))}"
                         f"</pre></td><td><pre>{e(_first(ex.get('references')))}</pre></td></tr>"
                         for t in self.tasks for ex in t.examples)
         notes = "".join(f"<li>{e(n)}</li>" for n in self.notes + [f"{t.name}: {n}" for t in self.tasks for n in t.notes])
         img = f'<p><img src="{e(chart)}" alt="scores with 95% intervals"></p>' if chart else ""
+        if chart and self.off_chart():
+            img += ("<p>Not in the chart (not a [0, 1] score):</p><ul>"
+                    + "".join(f"<li>{e(r)}: {e(', '.join(n))}</li>" for r, n in self.off_chart().items()) + "</ul>")
         return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(self.suite)}</title><style>"
                 "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
                 "padding:4px 8px;vertical-align:top}pre{white-space:pre-wrap;max-width:40em;margin:0}</style></head><body>"
@@ -110,26 +121,52 @@ class EvalReport:
                    f"<th>prediction</th><th>reference</th></tr>{worst}</table>" if worst else "")
                 + "</body></html>\n")
 
+    def off_chart(self) -> dict[str, list[str]]:
+        """``{reason: ["task.metric", ...]}`` of the metrics the chart leaves out."""
+        out: dict[str, list[str]] = {}
+        for t in self.tasks:
+            for m in t.metrics:
+                if m in _OFF_CHART:
+                    out.setdefault(_OFF_CHART[m], []).append(f"{t.name}.{m}")
+        return out
+
     def chart(self, path: str | os.PathLike) -> Optional[Path]:
-        """A PNG bar chart of the [0, 1] scores with their intervals; None when there are none."""
-        bars = [(f"{t.name}.{m}", v) for t in self.tasks for m, v in t.metrics.items() if m not in _NOT_UNIT]
-        if not bars:
+        """A PNG of the [0, 1] scores with their intervals, one panel per task, every bar labelled
+        with its value (a zero is a red mark on the axis); the metrics left out are listed under
+        it with the reason. None when no metric is on that scale."""
+        groups = [(t.name, [(m, v) for m, v in t.metrics.items() if m not in _OFF_CHART]) for t in self.tasks]
+        groups = [(name, bars) for name, bars in groups if bars]
+        if not groups:
             return None
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(bars) + 2), 4))
-        vals = [v.value for _, v in bars]
-        err = [[v.value - (v.ci_low if v.ci_low is not None else v.value) for _, v in bars],
-               [(v.ci_high if v.ci_high is not None else v.value) - v.value for _, v in bars]]
-        ax.bar(range(len(bars)), vals, yerr=err, capsize=3, color="#4878a8")
-        ax.set_xticks(range(len(bars)), [n for n, _ in bars], rotation=60, ha="right", fontsize=8)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("score (95% bootstrap CI)")
-        ax.set_title(f"{self.suite}: {Path(self.model).name}")
-        fig.tight_layout()
+        rows: list[list[tuple[str, list, int]]] = [[]]  # panels packed into rows of _CHART_SLOTS slots
+        for name, bars in groups:
+            span = max(len(bars) + 1, -(-len(name) // 6), 3)  # room for the bars and the title
+            if rows[-1] and sum(s for *_, s in rows[-1]) + span > _CHART_SLOTS:
+                rows.append([])
+            rows[-1].append((name, bars, span))
+        left_out = [f"{reason}: {', '.join(names)}" for reason, names in self.off_chart().items()]
+        foot = "\n".join(textwrap.fill(line, 130) for line in
+                         (["Not in this chart (not a [0, 1] score):"] + left_out if left_out else []))
+        foot_h = 0.2 * (foot.count("\n") + 1) + 0.2 if foot else 0.0
+        fig = plt.figure(figsize=(_CHART_SLOTS * 0.6 + 1, 2.9 * len(rows) + foot_h + 0.4), layout="constrained")
+        grid = fig.add_gridspec(len(rows) + bool(foot), _CHART_SLOTS,
+                                height_ratios=[2.9] * len(rows) + ([foot_h] if foot else []))
+        for r, row in enumerate(rows):
+            col = 0
+            for k, (name, bars, span) in enumerate(row):
+                ax = fig.add_subplot(grid[r, col:col + span])
+                col += span
+                _panel(ax, name, bars, ylabel=k == 0)
+        if foot:
+            ax = fig.add_subplot(grid[-1, :])
+            ax.axis("off")
+            ax.text(0, 1, foot, va="top", ha="left", fontsize=8, transform=ax.transAxes)
+        fig.suptitle(f"{self.suite}: {Path(self.model).name} (95% bootstrap intervals)")
         out = Path(path)
         atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
@@ -143,10 +180,35 @@ class EvalReport:
         atomic_write_text(json_path, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
         md = self.to_markdown()
         if png:
-            md = md.replace("\n\n| task | metric", f"\n\n![scores]({png.name})\n\n| task | metric", 1)
+            below = "".join(f"\n- {reason}: {', '.join(names)}" for reason, names in self.off_chart().items())
+            below = f"\n\nNot in the chart (not a [0, 1] score):\n{below}" if below else ""
+            md = md.replace("\n\n| task | metric", f"\n\n![scores]({png.name}){below}\n\n| task | metric", 1)
         atomic_write_text(md_path, md)
         atomic_write_text(out / "report.html", self.to_html(png.name if png else None))
         return json_path, md_path
+
+
+def _panel(ax, task: str, bars: list, ylabel: bool) -> None:
+    """One task's bars: value labels above the interval, a red mark on the axis for a zero."""
+    x = range(len(bars))
+    vals = [v.value for _, v in bars]
+    lo = [v.ci_low if v.ci_low is not None else v.value for _, v in bars]
+    hi = [v.ci_high if v.ci_high is not None else v.value for _, v in bars]
+    ax.bar(x, vals, yerr=[[v - a for v, a in zip(vals, lo)], [b - v for v, b in zip(vals, hi)]], capsize=3,
+           color="#4878a8", width=0.7)
+    for i, (v, top) in enumerate(zip(vals, hi)):
+        if v < 0.01:  # too low to see as a bar
+            ax.plot([i - 0.35, i + 0.35], [0.006, 0.006], color="#c0392b", lw=3, solid_capstyle="butt")
+        ax.text(i, max(top, v) + 0.02, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(x), [m for m, _ in bars], rotation=45, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(bars) - 0.4)
+    ax.set_ylim(0, 1.12)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.tick_params(axis="y", labelsize=7, labelleft=ylabel)
+    if ylabel:
+        ax.set_ylabel("score")
+    ax.set_title(task, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def _first(refs) -> str:
@@ -162,6 +224,20 @@ def _cell(text: str, width: int = 80) -> str:
 
 def _fmt_scores(scores: dict) -> str:
     return ", ".join(f"{k}={v:.3g}" for k, v in scores.items())
+
+
+def _example_scores(t: TaskResult, ex: dict) -> str:
+    """An example's per-item scores, or why it has none: its judge verdicts failed, or the
+    task's metrics are corpus-level (BLEU, chrF score the whole set, not one item)."""
+    if ex.get("scores"):
+        return _fmt_scores(ex["scores"])
+    errors = [j["error"] for j in ex.get("judge") or [] if isinstance(j, dict) and j.get("error")]
+    if errors:
+        return f"no score: every judge verdict failed ({_cell(errors[0], 60)})"
+    corpus = [m for m in t.metrics if m not in t.item_scores and not m.startswith("judge_")]
+    if corpus:
+        return f"no per-item score: {', '.join(corpus)} {'is' if len(corpus) == 1 else 'are'} corpus-level"
+    return "-"
 
 
 def load_report(path: str | os.PathLike) -> EvalReport:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -99,11 +100,14 @@ _LAYER = {
 _TOP = {"token_embd": "tok_emb", "position_embd": "pos_emb", "output_norm": "norm", "output": "lm_head"}
 
 
-def gguf_state_dict(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def gguf_state_dict(reader, cfg: ModelConfig, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Our state dict, fp32. ``progress``: a bar over the tensors on stderr (where it is a terminal)."""
     from gguf import quants
+    from tqdm import tqdm
 
     sd: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
+    for t in tqdm(reader.tensors, desc="dequantising", unit="tensor", file=sys.stderr, dynamic_ncols=True,
+                  disable=None if progress else True):
         try:
             w = quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -158,7 +162,9 @@ def load_gguf(path: str | os.PathLike, dtype: Optional[torch.dtype] = None, devi
     except Exception as e:
         raise LMStackError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     cfg = config_from_gguf(reader)
-    sd = gguf_state_dict(reader, cfg)
+    if use_cache:  # about half a minute for a 135M model, once: say so rather than sit silent
+        print(f"converting {path.name} to a cached fp32 copy under {cached.parent} (once)", file=sys.stderr)
+    sd = gguf_state_dict(reader, cfg, progress=True)
     tokenizer = Tokenizer.from_gguf(reader)
     meta = {"source": path.name, "source_format": "gguf",
             "source_file_type": int(_field(reader, "general.file_type", -1)),

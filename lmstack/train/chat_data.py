@@ -13,28 +13,41 @@ from lmstack.errors import ConfigError, LMStackError
 from lmstack.train.common import IGNORE
 
 
-def read_jsonl(source: str) -> list[dict]:
-    """Examples of a JSONL file, or of a dataset shipped in ``lmstack/train/datasets``."""
+def read_jsonl(source: str, field: str = "data") -> list[dict]:
+    """Examples of a JSONL file, or of a dataset shipped in ``lmstack/train/datasets``.
+
+    Checks what needs no tokenizer (the file exists, every line is a JSON object, there is at
+    least one), so a stage can call it before it loads a model; ``field`` names the config
+    field in the errors.
+    """
+    expected = "a JSONL file with one chat or prompt/completion example per line"
     if source.startswith("builtin:"):
         name = source[len("builtin:"):]
         f = resources.files("lmstack.train.datasets") / f"{name}.jsonl"
         if not f.is_file():
             have = sorted(p.name[:-6] for p in resources.files("lmstack.train.datasets").iterdir()
                           if p.name.endswith(".jsonl"))
-            raise ConfigError(f"data: no builtin dataset {name!r}; builtin datasets are {have}")
+            raise ConfigError(f"{field}: no builtin dataset {name!r}; builtin datasets are {have}")
         text = f.read_text(encoding="utf-8")
     else:
         p = Path(source)
         if not p.is_file():
-            raise ConfigError(f"data: {p} not found (expected a JSONL file of chat or prompt/completion examples)")
+            raise ConfigError(f"{field}: {p} not found (expected {expected})")
         text = p.read_text(encoding="utf-8")
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise LMStackError(f"{source}:{i}: not valid JSON ({e.msg})") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:  # e.msg alone stops mid-phrase ("Unterminated string starting at")
+            raise LMStackError(f"{field}: {source}:{i}: not valid JSON ({e.msg}: column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise LMStackError(f"{field}: {source}:{i}: got a JSON {type(row).__name__}, expected an object "
+                               "with 'messages' or 'prompt'/'completion'")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"{field}: {source} is empty (expected {expected})")
     return rows
 
 
@@ -118,14 +131,17 @@ def collate(examples: list[tuple[list[int], list[bool]]], pad_id: int, packing: 
 
 @torch.no_grad()
 def measure(model, tok, rows: list[dict], max_len: int, max_new_tokens: int, batch_size: int = 8,
-            n_show: int = 5) -> dict:
+            n_show: int = 5, progress: bool = False, desc: str = "measure") -> dict:
     """Held-out answer loss (nats/token) and exact match of greedy answers.
 
     Exact match is computed by teacher forcing, which is exact for greedy decoding: greedy
     decoding reproduces the reference answer and its end-of-turn token if and only if the
     argmax at every answer position is the reference token. ``n_show`` examples are also
-    decoded for people to read.
+    decoded for people to read. ``progress``: a bar over the examples (scored, then decoded)
+    on stderr, shown only where stderr is a terminal.
     """
+    from tqdm import tqdm
+
     from lmstack.infer.generate import stream_generate
     from lmstack.infer.sampling import SamplingParams
     from lmstack.peft.lora import LoRALinear
@@ -133,6 +149,9 @@ def measure(model, tok, rows: list[dict], max_len: int, max_new_tokens: int, bat
     was = model.training
     model.eval()
     enc = encode_dataset(tok, rows, max_len)
+    n_shown = min(n_show, len(rows))
+    bar = tqdm(total=len(enc) + n_shown, desc=desc, unit="example", dynamic_ncols=True,
+               disable=None if progress else True)
     total, count, hits = 0.0, 0, 0
     by_task: dict[str, list[int]] = {}
     tasks = [r.get("task", "") for r in rows] if len(enc) == len(rows) else [""] * len(enc)
@@ -148,6 +167,7 @@ def measure(model, tok, rows: list[dict], max_len: int, max_new_tokens: int, bat
         hits += sum(ok)
         for t, k in zip(tasks[i:i + batch_size], ok):
             by_task.setdefault(t, []).append(int(k))
+        bar.update(len(ok))
     shown = []
     loras = [m for m in model.modules() if isinstance(m, LoRALinear) and m.bits is None and not m.merged]
     for m in loras:  # decoding with merged weights is the same function, without the extra matmuls
@@ -167,10 +187,13 @@ def measure(model, tok, rows: list[dict], max_len: int, max_new_tokens: int, bat
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
             for ev in stream_generate(model, tok, prompts, params):
                 outs[ev.row] += ev.text
+                if ev.finish_reason is not None:
+                    bar.update(1)
         shown = [{"prompt": tok.decode(p), "reference": r, "output": o} for p, r, o in zip(prompts, refs, outs)]
     finally:
         for m in loras:
             m.unmerge()
+        bar.close()
     model.train(was)
     out = {"loss": total / max(count, 1), "exact_match": hits / len(enc), "n": len(enc), "examples": shown}
     if len(by_task) > 1:

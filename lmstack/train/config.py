@@ -3,8 +3,9 @@ under ``recipes/train/`` are saved instances. No torch import, so the CLI builds
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from lmstack.errors import ConfigError
 from lmstack.peft.config import PEFTConfig
@@ -46,23 +47,44 @@ class LoopConfig:
     ckpt_interval: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the last)"})
     keep_last: int = 2
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skips_in_a_row: int = field(default=10, metadata={
+        "help": "on_nonfinite: skip stops the run after this many skipped steps in a row"})
     distributed: Literal["auto", "ddp", "fsdp"] = field(
         default="auto", metadata={"help": "strategy under torchrun (auto = ddp); ignored in one process"})
     peak_flops: float = field(default=0.0, metadata={"help": "for MFU; 0 = measured matmul peak (CPU) or table (GPU)"})
     progress: bool = True
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch and the kernels (0 = torch's default)"})
 
     def check(self) -> None:
-        for name in ("batch_size", "max_steps", "eval_interval", "log_interval", "ckpt_interval"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{type(self).__name__}.{name}: got {getattr(self, name)}, expected > 0")
-        for name in ("grad_accum", "tokens_per_step", "loss_chunk"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{type(self).__name__}.{name}: got {getattr(self, name)}, expected >= 0")
+        """Every field in its range, checked before anything loads (so ``--lr 1e39`` is one line,
+        not an optimizer traceback minutes later)."""
+        for name in ("batch_size", "max_steps", "eval_interval", "eval_batches", "log_interval", "ckpt_interval",
+                     "max_skips_in_a_row"):
+            self._range(name, 1, None, "> 0")
+        for name in ("grad_accum", "tokens_per_step", "loss_chunk", "warmup_steps", "keep_last", "threads"):
+            self._range(name, 0, None, ">= 0")
         if self.grad_accum and self.tokens_per_step:
             raise ConfigError(f"{type(self).__name__}: got grad_accum={self.grad_accum} and tokens_per_step="
                               f"{self.tokens_per_step}, expected only one of them (the other 0)")
-        if self.min_lr > self.lr:
-            raise ConfigError(f"{type(self).__name__}.min_lr: got {self.min_lr}, expected <= lr ({self.lr})")
+        # AdamW moves every weight by about lr per step: above 1 it never trains, and near
+        # float32's limit (3.4e38) the optimizer cannot even form its step size.
+        if not 0 < self.lr <= 1:
+            raise ConfigError(f"{type(self).__name__}.lr: got {self.lr}, expected 0 < lr <= 1")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"{type(self).__name__}.min_lr: got {self.min_lr}, expected 0 <= min_lr <= lr ({self.lr})")
+        self._range("weight_decay", 0, 1, "in [0, 1]")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{type(self).__name__}.{name}: got {getattr(self, name)}, expected in [0, 1)")
+        self._range("decay_fraction", 0, 1, "in [0, 1]")
+        self._range("grad_clip", 0, None, ">= 0 (0 = no clipping)")
+        self._range("peak_flops", 0, None, ">= 0 (0 = measured or from the table)")
+
+    def _range(self, name: str, low: float, high: Optional[float], expected: str) -> None:
+        """``low <= value <= high`` (``high`` None: no bound but finite); NaN fails too."""
+        v = getattr(self, name)
+        if not (low <= v and (v <= high if high is not None else math.isfinite(v))):
+            raise ConfigError(f"{type(self).__name__}.{name}: got {v}, expected {expected}")
 
 
 @dataclass
@@ -75,6 +97,12 @@ class PretrainConfig(LoopConfig):
     sample_prompts: list[str] = field(default_factory=lambda: ["The", "Once upon a time"])
     sample_tokens: int = 40
     sample_temperature: float = field(default=0.8, metadata={"help": "0 = greedy samples"})
+
+    def check(self) -> None:
+        super().check()
+        self._range("seq_len", 1, None, "> 0")
+        self._range("sample_tokens", 0, None, ">= 0")
+        self._range("sample_temperature", 0, None, ">= 0 (0 = greedy)")
 
 
 @dataclass
@@ -89,3 +117,9 @@ class SFTConfig(LoopConfig):
     measure: bool = field(default=False, metadata={"help": "held-out loss and exact match before and after"})
     measure_max_new_tokens: int = 48
     export_merged: bool = False
+
+    def check(self) -> None:
+        super().check()
+        self._range("max_len", 1, None, "> 0")
+        self._range("epochs", 0, None, ">= 0 (0 = max_steps decides)")
+        self._range("measure_max_new_tokens", 1, None, "> 0")

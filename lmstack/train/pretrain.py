@@ -52,10 +52,40 @@ def _samples(model, tok, prompts: list[str], n: int, temperature: float, seed: i
     return [{"prompt": p, "completion": c} for p, c in zip(prompts, out)]
 
 
+def _check_data(folder: str) -> None:
+    """A token-shard folder that is not there yet is the usual first stumble (the data stage
+    makes it): say which folder, and the command that writes it."""
+    p = Path(folder)
+    if (p / "meta.json").is_file():
+        return
+    what = "does not exist" if not p.exists() else "holds no meta.json, so it is not a token-shard folder"
+    recipe = _data_recipe(p)
+    make = (f"`lmstack data prepare {recipe}`" if recipe else
+            f"`lmstack data prepare RECIPE.yaml`, RECIPE.yaml being a data recipe whose output is {p} "
+            "(examples in recipes/data/)")
+    raise ConfigError(f"PretrainConfig.data: {p} {what}; expected token shards written by `lmstack data prepare`. "
+                      f"Make them with {make}, or pass --data with a prepared folder")
+
+
+def _data_recipe(folder: Path) -> str:
+    """The data recipe under ``recipes/data/`` whose ``output`` is ``folder``; '' when none is."""
+    import yaml
+
+    for recipe in sorted(Path("recipes/data").glob("*.yaml")):
+        try:
+            out = (yaml.safe_load(recipe.read_text()) or {}).get("output")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if out and Path(out) == folder:
+            return str(recipe)
+    return ""
+
+
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     from lmstack.data.shards import TokenShards
 
     run = Run.start(cfg, "pretrain", resume)
+    _check_data(cfg.data)
     train = TokenShards(cfg.data, "train")
     try:
         val: Optional[TokenShards] = TokenShards(cfg.data, "val")

@@ -16,7 +16,8 @@ A stage reads top to bottom::
     return run.finish("dpo")
 
 ``end_step`` does, in this order: global-norm clipping, the non-finite check (stop, or skip
-the update), the optimizer step, the step record, evaluation every ``eval_interval`` steps and
+the update, up to ``max_skips_in_a_row`` skips in a row), the optimizer step (an overflow
+in it stops the run), the step record, evaluation every ``eval_interval`` steps and
 at the last, best-metric tracking, the record to ``metrics.jsonl`` every ``log_interval``
 steps (and at every evaluation, skip and the last step), the progress bar, and a checkpoint
 every ``ckpt_interval`` steps and at the last. The schedule (``lr_at``) is set by ``steps()``.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
@@ -68,6 +70,7 @@ class Run:
         self._resumed: Optional[tuple[dict, dict]] = None  # (state, train_state) read from it
         self._resume_done = False
         self._t0 = 0.0
+        self._skips_in_a_row = 0
         self.bar = None
 
     # -- set-up ---------------------------------------------------------------------------
@@ -79,6 +82,8 @@ class Run:
         is built, so the model's initialisation follows the seed. ``trainable_only``: checkpoints
         hold only the tensors that train (PEFT adapters), not the frozen base."""
         cfg.check()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         run = cls(cfg, name, init_distributed(cfg.device), resume, trainable_only)
         run._checkpoint = latest_checkpoint(run.ckpts) if resume else None
         if resume and run._checkpoint is None:
@@ -182,21 +187,21 @@ class Run:
         tokens/s and MFU). Returns the record, or None for a skipped non-finite step."""
         cfg = self.cfg
         gnorm = grad_norm_and_clip(self.params, cfg.grad_clip)
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            msg = f"non-finite loss ({loss}) or gradient norm ({gnorm}) at step {self.step + 1}"
-            if cfg.on_nonfinite == "stop":
-                raise LMStackError(f"{msg}; stopping (on_nonfinite: stop). Last good checkpoint: "
-                                   f"{latest_checkpoint(self.ckpts)}. Lower lr, check the data, or set "
-                                   "on_nonfinite: skip")
-            self.opt.zero_grad(set_to_none=True)
-            self.step += 1
-            self.metrics.log({"step": self.step, "skipped": msg})
-            if self.bar is not None:
-                self.bar.update(1)
-            return None
-        self.opt.step()
+        bad = [f"{what} ({v})" for what, v in (("loss", loss), ("gradient norm", gnorm)) if not math.isfinite(v)]
+        if bad:
+            return self._skip(f"non-finite {' and '.join(bad)} at step {self.step + 1}")
+        try:
+            self.opt.step()
+        except RuntimeError as e:  # a step size or decay factor beyond the parameters' float range
+            if "overflow" not in str(e):
+                raise
+            # The optimizer may have updated some tensors before it failed: skipping could only
+            # continue from a state no checkpoint holds, so this always stops.
+            self._stop(f"the optimizer step overflowed at step {self.step + 1} ({e}); stopping, whatever "
+                       "on_nonfinite says, since the update may be half applied", "Lower lr")
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
+        self._skips_in_a_row = 0
         dt = time.perf_counter() - self._t0
         tps = self.reduce_sum(tokens) / dt
         rec = {"step": self.step, "loss": loss, "lr": self.lr, "grad_norm": gnorm, "tokens_per_s": tps,
@@ -221,6 +226,38 @@ class Run:
         if self.step % cfg.ckpt_interval == 0 or last:
             self.save(rec)
         return rec
+
+    def _skip(self, msg: str) -> None:
+        """The non-finite guard: stop (``on_nonfinite: stop``), or drop this update and go on,
+        up to ``max_skips_in_a_row`` skipped steps in a row."""
+        cfg = self.cfg
+        if cfg.on_nonfinite == "stop":
+            self._stop(f"{msg}; stopping (on_nonfinite: stop)")
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self._skips_in_a_row += 1
+        self.metrics.log({"step": self.step, "skipped": msg})
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.dist.main:
+            self._say(f"{self.name}: {msg}: update skipped (on_nonfinite: skip)")
+        if self._skips_in_a_row >= cfg.max_skips_in_a_row:
+            self._stop(f"{self._skips_in_a_row} steps in a row were skipped, the last for a {msg} "
+                       f"(max_skips_in_a_row: {cfg.max_skips_in_a_row}); stopping", "Lower lr or check the data")
+        if self.step == cfg.max_steps and not self.losses:
+            self._stop(f"all {self._skips_in_a_row} steps of this run were skipped, the last for a {msg}; nothing "
+                       "was trained, so no final model is written", "Lower lr or check the data")
+
+    def _stop(self, msg: str, hint: str = "Lower lr, check the data, or set on_nonfinite: skip") -> None:
+        self._close_bar()
+        raise LMStackError(f"{msg}. Last good checkpoint: {latest_checkpoint(self.ckpts) or 'none yet'}. {hint}")
+
+    def _say(self, line: str) -> None:
+        """A line on stderr that does not break the progress bar."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
 
     def _evaluate(self) -> dict[str, float]:
         self.model.eval()

@@ -60,13 +60,15 @@ def _steps_for_epochs(epochs: float, counts: list[int], seed: int, rows: int, ac
 def sft(cfg: SFTConfig, resume: bool = False) -> dict:
     method = cfg.peft.method
     run = Run.start(cfg, f"sft ({method})", resume, trainable_only=method != "full")
+    # The data is read before the model loads (seconds to minutes): a wrong path fails at once.
+    train_rows = read_jsonl(cfg.data, "data")
+    val_rows = read_jsonl(cfg.val_data, "val_data") if cfg.val_data else []
     model, tok = _load_base(cfg)
     apply_peft(model, cfg.peft)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if run.dist.main:
         print(f"sft: {method}, {describe_params(model)}")
-    train = encode_dataset(tok, read_jsonl(cfg.data), cfg.max_len)
-    val_rows = read_jsonl(cfg.val_data) if cfg.val_data else []
+    train = encode_dataset(tok, train_rows, cfg.max_len)
     val = encode_dataset(tok, val_rows, cfg.max_len) if val_rows else []
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     world, rank = run.dist.world, run.dist.rank
@@ -91,7 +93,8 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
     run.resume(model)
     before = None
     if cfg.measure and run.dist.main and val_rows and not resume:
-        before = measure(model, tok, val_rows, cfg.max_len, cfg.measure_max_new_tokens)
+        before = measure(model, tok, val_rows, cfg.max_len, cfg.measure_max_new_tokens,
+                         progress=cfg.progress, desc="measure before")
         print(f"before: held-out loss {before['loss']:.4f}, exact match {before['exact_match']:.3f}")
     run.prepare(model, len(train), evaluate=evaluate if val else None)
     if before is not None:
@@ -116,7 +119,8 @@ def sft(cfg: SFTConfig, resume: bool = False) -> dict:
     after = None
     if final is not None:
         if cfg.measure and val_rows:
-            after = measure(final, tok, val_rows, cfg.max_len, cfg.measure_max_new_tokens)
+            after = measure(final, tok, val_rows, cfg.max_len, cfg.measure_max_new_tokens,
+                            progress=cfg.progress, desc="measure after")
             run.metrics.log({"step": run.step, "measure_after": after})
             print(f"after: held-out loss {after['loss']:.4f}, exact match {after['exact_match']:.3f}")
         _save_final(final, tok, cfg, run)

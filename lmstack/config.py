@@ -93,8 +93,15 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        import difflib
+
+        close = {u: m[0] for u in unknown if (m := difflib.get_close_matches(str(u), fields, n=1))}
+        if len(unknown) == 1 and close:
+            hint = f"did you mean {close[unknown[0]]!r}? "
+        else:
+            hint = f"did you mean {', '.join(f'{m!r} (for {u!r})' for u, m in close.items())}? " if close else ""
         raise ConfigError(
-            f"{cls.__name__}: unknown field(s) {unknown}; known fields are {sorted(fields)}"
+            f"{cls.__name__}: unknown field(s) {unknown}; {hint}known fields are {sorted(fields)}"
         )
     kwargs = {k: _coerce(cls.__name__, k, hints[k], v) for k, v in data.items()}
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
@@ -37,7 +38,26 @@ def cmd_info(a: argparse.Namespace) -> int:
     summary = {k: meta.get(k) for k in ("complete", "dtype", "eos_token_id", "vocab_size", "tokenizer",
                                          "splits", "sources", "mixture")}
     summary["num_shards"] = len(meta["shards"])
-    print(json.dumps(summary, indent=2))
+    if a.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    import numpy as np
+
+    folder = Path(a.folder)
+    state = "complete" if meta.get("complete") else "incomplete (run `lmstack data prepare RECIPE` again to finish)"
+    lines = [f"{folder}: {state}"]
+    for split, s in (meta.get("splits") or {}).items():
+        lines.append(f"  {split + ':':<6} {s['num_tokens']:>13,} tokens in {s['num_docs']:,} documents")
+    lines.append(f"  {summary['num_shards']} shard(s) of {np.dtype(meta['dtype']).name}, "
+                 f"vocab_size {meta['vocab_size']:,}, eos id {meta['eos_token_id']}")
+    shares = [f"{name} {src['token_share']:.1%}" for name, src in (meta.get("sources") or {}).items()
+              if "token_share" in src]
+    if shares:
+        lines.append(f"  tokens by source: {', '.join(shares)}")
+    tok = (meta.get("tokenizer") or {}).get("path")
+    if tok:
+        lines.append(f"  tokenizer: {folder / tok}")
+    print("\n".join(lines))
     return 0
 
 
@@ -54,5 +74,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pp.set_defaults(func=cmd_prepare)
     pi = sub.add_parser("info", help="summarise a prepared folder (meta.json)")
     pi.add_argument("folder")
+    pi.add_argument("--json", action="store_true", help="print meta.json's summary as JSON")
     pi.set_defaults(func=cmd_info)
     p.set_defaults(func=lambda a: p.print_help() or 2)

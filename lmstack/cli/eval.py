@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from lmstack.cli._common import add_threads_arg, note_model, set_threads
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate models: metrics, tasks, gates, reports",
@@ -13,7 +15,9 @@ def register(subparsers) -> None:
 
     run = sub.add_parser("run", help="run a suite YAML against a model; exit 1 when a gate fails")
     run.add_argument("suite", help="suite YAML (see docs/eval.md)")
-    run.add_argument("--model", required=True, help="model path or preset (or, with --base-url, the served model name)")
+    run.add_argument("--model", required=True,
+                     help="'default' (the embedded SmolLM2-135M-Instruct), a model path or a preset "
+                          "(or, with --base-url, the served model name)")
     run.add_argument("--adapter", help="a LoRA / PEFT adapter folder to attach to the local model")
     run.add_argument("--name", help="the model's name in the report (default: --model as given)")
     run.add_argument("--base-url", help="an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
@@ -25,6 +29,7 @@ def register(subparsers) -> None:
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--baseline", help="previous report.json for regression gates (overrides the suite's)")
     run.add_argument("--limit", type=int, help="evaluate at most the first N items of each task")
+    add_threads_arg(run)
     run.set_defaults(func=_run)
 
     cmp = sub.add_parser("compare", help="paired significance of the differences between two runs")
@@ -35,11 +40,12 @@ def register(subparsers) -> None:
 
     pp = sub.add_parser("perplexity", help="perplexity and bits per byte of a text file (sliding window)")
     pp.add_argument("file", help="a UTF-8 text file (one text), or .jsonl with a 'text' field per row")
-    pp.add_argument("--model", help="model path or preset (default: the embedded model)")
+    pp.add_argument("--model", help="'default' (the embedded model; also when omitted), a model path or a preset")
     pp.add_argument("--adapter", help="a LoRA / PEFT adapter folder")
     pp.add_argument("--window", type=int, help="tokens per window (default: the model's context)")
     pp.add_argument("--stride", type=int, help="window step (default: window // 2)")
     pp.add_argument("--batch-size", type=int, default=8)
+    add_threads_arg(pp)
     pp.set_defaults(func=_perplexity)
 
     sc = sub.add_parser("score", help="score a predictions file against references (one text per line)")
@@ -63,6 +69,8 @@ def register(subparsers) -> None:
     c.add_argument("--k", default="1", help="comma-separated k for pass@k")
     c.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
     c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--unsafe-no-sandbox", action="store_true",
+                   help="where bubblewrap does not work, run the programs without isolation instead of refusing")
     c.set_defaults(func=_code)
 
     d = sub.add_parser("datasets", help="list the evaluation sets shipped with lmstack")
@@ -128,16 +136,40 @@ def _run(args) -> int:
     from lmstack.eval.cache import OutputCache
     from lmstack.eval.models import LLMModel, load_model
 
+    if not args.base_url:
+        set_threads(args.threads)
+        note_model(args.model)
     model = load_model(args.model, args.adapter, args.base_url, args.api_key or os.environ.get("OPENAI_API_KEY"),
                        args.batch_size)
+    if args.judge:
+        note_model(args.judge)
     judge = LLMModel.load(args.judge, batch_size=args.batch_size) if args.judge else model
     cache = OutputCache(None if args.no_cache else (args.cache or Path(args.out) / "cache.jsonl"))
     name = args.name or args.model + (f" + adapter {args.adapter}" if args.adapter else "")
     report = run_suite(suite, model, name, judge, cache=cache)
     json_path, md_path = report.write(args.out)
-    print(report.to_markdown())
-    print(f"wrote {json_path}, {md_path} and report.html")
+    print(_headline(report))
+    others = [json_path.name, "report.html"] + (["scores.png"] if (md_path.parent / "scores.png").is_file() else [])
+    print(f"report: {md_path} (also {', '.join(others)} there)")
     return _print_gates(report.gates)
+
+
+def _headline(report) -> str:
+    """Task, metric, value and 95% interval of every score, as an aligned table; the rest (gates
+    apart, printed after it) is in the written report."""
+    rows = [("task", "metric", "value", "95% CI")]
+    for t in report.tasks:
+        for m, v in t.metrics.items():
+            ci = f"[{v.ci_low:.4g}, {v.ci_high:.4g}]" if v.ci_low is not None else "-"
+            rows.append((t.name, m, f"{v.value:.4g}", ci))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{report.suite}: {report.model}"]
+    for task, metric, value, ci in rows:
+        lines.append(f"  {task:<{w[0]}}  {metric:<{w[1]}}  {value:>{w[2]}}  {ci}")
+    notes = len(report.notes) + sum(len(t.notes) for t in report.tasks)
+    if notes:
+        lines.append(f"  {notes} note(s) in the report")
+    return "\n".join(lines)
 
 
 def _compare(args) -> int:
@@ -164,6 +196,8 @@ def _perplexity(args) -> int:
         texts = [r.get("text", "") for r in D.read_jsonl(p)]
     else:
         texts = [p.read_text(encoding="utf-8")]
+    set_threads(args.threads)
+    note_model(args.model)
     model = load_model(args.model, args.adapter, batch_size=args.batch_size)
     r = perplexity(model.llm, texts, args.window, args.stride, args.batch_size)
     print(json.dumps({"perplexity": r.perplexity, "bits_per_byte": r.bits_per_byte, "nll": r.nll,
@@ -193,7 +227,8 @@ def _code(args) -> int:
             completions.setdefault(row["task_id"], []).append(row["completion"])
         problems = [p for p in problems if p.task_id in completions]
     res = evaluate_completions([p.to_dict() for p in problems], completions, ks,
-                               SandboxConfig(timeout_s=args.timeout), args.workers)
+                               SandboxConfig(timeout_s=args.timeout, unsafe_no_sandbox=args.unsafe_no_sandbox),
+                               args.workers)
     failed = sorted(t for t, st in res.per_task.items() if "passed" not in st)
     print(json.dumps({"problems": len(problems), **res.pass_at, "isolation": res.isolation,
                       "failed_tasks": failed[:20]}, indent=2))

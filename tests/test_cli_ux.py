@@ -191,21 +191,8 @@ def test_stats_count_tokens_not_chunks(capsys):
 
 
 @pytest.fixture
-def adapter(tmp_path):
-    """A LoRA adapter on tiny-llama whose update is far from zero (a fresh one would change nothing)."""
-    import torch
-
-    from lmstack import LLM
-    from lmstack.peft import PEFTConfig, apply_peft, save_adapter
-
-    llm = LLM.load("tiny-llama")
-    apply_peft(llm.model, PEFTConfig(method="lora", r=4, alpha=8))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in llm.model.named_parameters():
-            if name.endswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return save_adapter(llm.model, tmp_path / "adapter")
+def adapter(tiny_adapter):
+    return tiny_adapter[1]
 
 
 def test_generate_and_chat_take_an_adapter_the_way_eval_does(adapter, capsys):

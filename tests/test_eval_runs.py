@@ -140,19 +140,11 @@ def test_perplexity_task_on_passages(tiny):
     assert res.metrics["bits_per_byte"].ci_low <= want.bits_per_byte <= res.metrics["bits_per_byte"].ci_high
 
 
-def test_adapter_changes_identity_and_logits(tmp_path):
+def test_adapter_changes_identity_and_logits(tiny_adapter):
     import torch
 
-    from lmstack.peft import PEFTConfig, apply_peft, save_adapter
-
-    base = LLM.load("tiny-llama")
-    apply_peft(base.model, PEFTConfig(method="lora", r=4))
-    with torch.no_grad():
-        for n, p in base.model.named_parameters():
-            if "lora" in n:
-                p.normal_(0, 0.2)
-    save_adapter(base.model, tmp_path / "ad")
-    with_adapter = LLMModel.load("tiny-llama", adapter=str(tmp_path / "ad"))
+    base, folder = tiny_adapter
+    with_adapter = LLMModel.load("tiny-llama", adapter=str(folder))
     plain = LLMModel.load("tiny-llama")
     ids = [[5, 6, 7, 8]]
     assert torch.allclose(with_adapter.llm.logits(ids), base.logits(ids), atol=1e-5)

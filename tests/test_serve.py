@@ -580,24 +580,14 @@ def test_embedded_model_answers_and_follows_json_schemas(smollm2, client_for):
         engine.shutdown()
 
 
-def test_adapter_flag_serves_the_fine_tuned_model(tmp_path):
-    import torch
-
+def test_adapter_flag_serves_the_fine_tuned_model(tiny_adapter):
     from lmstack.infer.llm import LLM
-    from lmstack.peft import PEFTConfig, apply_peft, save_adapter
 
-    tuned = LLM.load("tiny-llama")
-    apply_peft(tuned.model, PEFTConfig(method="lora", r=4))
-    with torch.no_grad():
-        for name, p in tuned.model.named_parameters():
-            if "lora" in name:
-                p.normal_(0, 0.2)
-    save_adapter(tuned.model, tmp_path / "adapter")
-    tuned.model.eval()
+    tuned, folder = tiny_adapter
     kw = dict(max_new_tokens=8, temperature=0.0, ignore_eos=True)
     want, base = tuned.generate("abc", **kw), LLM.load("tiny-llama").generate("abc", **kw)
     assert want != base  # the adapter changes what the model says
-    s = start(ServeConfig(model="tiny-llama", adapter=str(tmp_path / "adapter"), max_seq_len=64, max_slots=2))
+    s = start(ServeConfig(model="tiny-llama", adapter=str(folder), max_seq_len=64, max_slots=2))
     try:
         status, _, payload = request(s.url, "POST", "/v1/completions",
                                      {"prompt": "abc", "max_tokens": 8, "temperature": 0, "ignore_eos": True})
@@ -608,7 +598,7 @@ def test_adapter_flag_serves_the_fine_tuned_model(tmp_path):
     from lmstack.errors import ConfigError
 
     with pytest.raises(ConfigError, match="adapter"):
-        build_backend(ServeConfig(model="fake", adapter=str(tmp_path / "adapter")))
+        build_backend(ServeConfig(model="fake", adapter=str(folder)))
 
 
 def test_threads_are_set_before_the_model_loads(monkeypatch):

@@ -1,6 +1,7 @@
 """The server under concurrency, disconnects and SIGTERM (the deterministic fake-token model)."""
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -112,20 +114,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _spawn(args: list[str], port: int) -> subprocess.Popen:
-    """Start ``python args...`` and wait until it listens on ``port``."""
+@contextlib.contextmanager
+def _spawned(args: list[str], port: int) -> Iterator[subprocess.Popen]:
+    """Start ``python args...``, wait until it listens on ``port``, and kill it on the way out
+    if the test left it running."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc
+            break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise AssertionError("server did not start: " + proc.stdout.read().decode())
             time.sleep(0.1)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ``lmstack serve`` over a fake model whose every forward blocks: a stuck engine.
@@ -149,8 +159,7 @@ def _http(port: int, method: str, path: str, body=None):
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_streams_then_exits_0():
     port = _free_port()
-    proc = _spawn(["-m", "lmstack", "serve", "--model", "fake:25", "--port", str(port), "--drain-timeout", "20"], port)
-    try:
+    with _spawned(["-m", "lmstack", "serve", "--model", "fake:25", "--port", str(port), "--drain-timeout", "20"], port) as proc:
         async def main():
             streams = [await open_stream(port, {"prompt": "a", "max_tokens": 40, "stream": True}) for _ in range(8)]
             texts = []
@@ -171,17 +180,12 @@ def test_sigterm_drains_in_flight_streams_then_exits_0():
         for text, last, reason in done:
             assert last == "[DONE]" and reason == "length" and text == expected_text(1, 40)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.slow
 def test_while_draining_the_listener_stays_open_and_answers_503_with_retry_after():
     port = _free_port()
-    proc = _spawn(["-c", STUCK_SERVER, str(port), "60"], port)
-    try:
+    with _spawned(["-c", STUCK_SERVER, str(port), "60"], port) as proc:
         async def main():
             reader, writer, _ = await open_stream(port, {"prompt": "a", "max_tokens": 5, "stream": True})
             proc.send_signal(signal.SIGTERM)  # the stream never ends: the drain lasts until the second signal
@@ -203,17 +207,12 @@ def test_while_draining_the_listener_stays_open_and_answers_503_with_retry_after
         assert status == 503 and int(headers["retry-after"]) >= 1 and "shutting down" in body["error"]["message"]
         assert b"[DONE]" not in rest
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.slow
 def test_sigterm_with_a_stuck_engine_exits_after_the_drain_timeout():
     port = _free_port()
-    proc = _spawn(["-c", STUCK_SERVER, str(port), "1"], port)
-    try:
+    with _spawned(["-c", STUCK_SERVER, str(port), "1"], port) as proc:
         async def main():
             reader, writer, _ = await open_stream(port, {"prompt": "a", "max_tokens": 5, "stream": True})
             proc.send_signal(signal.SIGTERM)
@@ -224,7 +223,3 @@ def test_sigterm_with_a_stuck_engine_exits_after_the_drain_timeout():
         assert b"[DONE]" not in asyncio.run(main())
         # Exits once the 1 s drain is over: well before the 10 s an engine join used to wait on the stuck step.
         assert proc.wait(timeout=8) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

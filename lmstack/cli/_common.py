@@ -1,5 +1,5 @@
 """What the commands that run a model share: the ``--model`` help, ``--threads``, and loading a
-model (with an optional PEFT adapter) the one way ``eval run --adapter`` does.
+model (with an optional PEFT adapter, through ``LLM.load`` as every command does).
 
 Nothing here imports torch at module level: ``lmstack --help`` builds every parser and must
 stay fast.
@@ -53,6 +53,6 @@ def load_llm(model: Optional[str], adapter: Optional[str] = None, dtype: Optiona
     """The ``LLM`` for ``--model`` (None: the embedded default) with ``--adapter`` attached."""
     set_threads(threads)
     note_model(model)
-    from lmstack.eval.models import LLMModel
+    from lmstack.infer.llm import LLM
 
-    return LLMModel.load(model, adapter, dtype=dtype).llm
+    return LLM.load(model, dtype=dtype, adapter=adapter)

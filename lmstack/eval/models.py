@@ -60,12 +60,7 @@ class LLMModel(_PerItem):
     def load(cls, path: str, adapter: Optional[str] = None, batch_size: int = 8, dtype=None) -> "LLMModel":
         from lmstack.infer import LLM
 
-        llm = LLM.load(path, dtype=dtype)
-        if adapter:
-            from lmstack.peft import load_adapter
-
-            load_adapter(llm.model, adapter)
-            llm.model.eval()
+        llm = LLM.load(path, dtype=dtype, adapter=adapter)
         return cls(llm, name=str(path), adapter=adapter, batch_size=batch_size)
 
     @property

@@ -87,7 +87,8 @@ class LLM:
     # -- loading / saving --------------------------------------------------------------------
     @classmethod
     def load(cls, name_or_path: Optional[Union[str, os.PathLike]] = None, dtype=None,
-             device: str = "cpu", seed: int = 0, convert=None) -> "LLM":
+             device: str = "cpu", seed: int = 0, convert=None,
+             adapter: Optional[Union[str, os.PathLike]] = None) -> "LLM":
         """A preset name, a native folder, a Hugging Face folder or a ``.gguf`` file.
 
         No argument, ``"default"`` or ``"SmolLM2-135M-Instruct"`` loads the embedded default model
@@ -95,6 +96,8 @@ class LLM:
         and a byte-level tokenizer when their vocabulary has room for the 256 bytes.
         ``convert`` sees each checkpoint tensor as it is read (``load_checkpoint``), e.g.
         ``lmstack.quant.quantizing_loader()`` for a base quantised while it loads; presets ignore it.
+        ``adapter``: a PEFT adapter folder (``lmstack sft``'s ``adapter/``) attached to the model,
+        which is then in eval mode.
         """
         dt = resolve_dtype(dtype, device)
         name_or_path = resolve_model(name_or_path)
@@ -107,9 +110,15 @@ class LLM:
                 from lmstack.tokenizer.byte_level import byte_level_tokenizer
 
                 tok = byte_level_tokenizer()
-            return cls(model, tok, {"source": f"preset:{name_or_path}", "random_init_seed": seed})
-        model, tok, meta = load_checkpoint(name_or_path, dtype=dt, device=device, convert=convert)
-        return cls(model, tok, meta)
+            llm = cls(model, tok, {"source": f"preset:{name_or_path}", "random_init_seed": seed})
+        else:
+            llm = cls(*load_checkpoint(name_or_path, dtype=dt, device=device, convert=convert))
+        if adapter:
+            from lmstack.peft import load_adapter
+
+            load_adapter(llm.model, adapter)
+            llm.model.eval()
+        return llm
 
     def save(self, path: Union[str, os.PathLike], format: str = "native", dtype=None) -> Path:
         dt = resolve_dtype(dtype, "cuda") if dtype else None

@@ -52,12 +52,7 @@ def build_backend(cfg: ServeConfig):
     else:
         from lmstack.infer.llm import LLM, resolve_model
 
-        llm = LLM.load(cfg.model, dtype=cfg.dtype)
-        if cfg.adapter:  # as ``lmstack eval run --adapter`` does
-            from lmstack.peft import load_adapter
-
-            load_adapter(llm.model, cfg.adapter)
-            llm.model.eval()
+        llm = LLM.load(cfg.model, dtype=cfg.dtype, adapter=cfg.adapter)
         model, tok = llm.model, llm.tokenizer
         default = not cfg.model or resolve_model(cfg.model) != cfg.model  # None, "default" or its name
         name = cfg.model_name or ("SmolLM2-135M-Instruct" if default else str(cfg.model).rstrip("/").split("/")[-1])

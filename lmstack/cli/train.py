@@ -32,8 +32,6 @@ def register(subparsers) -> None:
 
 
 def _config(args):
-    import sys
-
     from lmstack.config import config_from_recipe, given_flags
     from lmstack.errors import ConfigError
 

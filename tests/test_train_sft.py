@@ -107,6 +107,16 @@ def _cfg(tmp_path, data, **kw):
     return config_from_dict(SFTConfig, {**base, "peft": peft})
 
 
+def _weights(folder):
+    """The tensors of the one safetensors file in ``folder``: an adapter (in either of its
+    formats, PEFT's or lmstack's) or a model."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    assert len(files) == 1, files
+    return load_file(str(files[0]))
+
+
 @pytest.mark.parametrize("method,golden", [
     # Seeded golden numbers (tiny-llama preset, seed 0, the 24 sums above): computed once and pinned.
     ("lora", [5.87534, 5.759593, 5.410911, 5.266366, 5.396395]),
@@ -119,9 +129,24 @@ def test_sft_golden_first_losses(tmp_path, method, golden):
     assert out.is_dir()
 
 
-def test_tokens_per_step_accumulates_to_the_same_update_as_one_batch(tmp_path):
-    from safetensors.torch import load_file
+def test_export_merged_writes_a_final_model_equal_to_base_plus_adapter(tmp_path):
+    from lmstack.infer.llm import LLM
 
+    sft(_cfg(tmp_path, _write(tmp_path), export_merged=True))
+    run = tmp_path / "run"
+    assert (run / "adapter").is_dir() and (run / "final").is_dir()
+    merged = LLM.load(run / "final")
+    tuned = LLM.load("tiny-llama", seed=0, adapter=run / "adapter")  # the base the run started from
+    base = LLM.load("tiny-llama", seed=0)
+    # the merged folder is a plain model: the base's keys, no LoRA tensors
+    assert _weights(run / "final").keys() == base.model.state_dict().keys()
+    ids = [tuned.tokenizer.encode("3+4?"), tuned.tokenizer.encode("6+1?")]
+    want, got = tuned.logits(ids), merged.logits(ids)
+    assert (want - base.logits(ids)).abs().max() > 1e-2  # the adapter learned something to merge
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_tokens_per_step_accumulates_to_the_same_update_as_one_batch(tmp_path):
     from lmstack.train.chat_data import encode_dataset
 
     data = _write(tmp_path)
@@ -132,8 +157,7 @@ def test_tokens_per_step_accumulates_to_the_same_update_as_one_batch(tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "two" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["micro_batches"] for r in recs if "loss" in r] == [2, 2, 2, 2]
     assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
-    a = load_file(str(tmp_path / "one" / "run" / "adapter" / "adapter.safetensors"))
-    b = load_file(str(tmp_path / "two" / "run" / "adapter" / "adapter.safetensors"))
+    a, b = _weights(tmp_path / "one" / "run" / "adapter"), _weights(tmp_path / "two" / "run" / "adapter")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
@@ -195,10 +219,7 @@ def test_sft_resume_is_bitwise_exact(tmp_path, monkeypatch):
     monkeypatch.undo()
     again = sft(_cfg(tmp_path / "b", data, max_steps=9), resume=True)  # from step 6: the epoch boundary
     assert again["losses"] == full["losses"][6:]
-    from safetensors.torch import load_file
-
-    a = load_file(str(tmp_path / "a" / "run" / "adapter" / "adapter.safetensors"))
-    b = load_file(str(tmp_path / "b" / "run" / "adapter" / "adapter.safetensors"))
+    a, b = _weights(tmp_path / "a" / "run" / "adapter"), _weights(tmp_path / "b" / "run" / "adapter")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -247,8 +268,6 @@ def test_sft_two_gloo_processes_match_single(tmp_path, strategy, method):
     import sys
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
     data = _write(tmp_path)
     peft = {"method": method, "r": 4, "alpha": 8}
     single = sft(_cfg(tmp_path / "single", data, max_steps=4, peft=peft))
@@ -266,8 +285,8 @@ def test_sft_two_gloo_processes_match_single(tmp_path, strategy, method):
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()]
     assert [x["loss"] for x in recs if "loss" in x] == pytest.approx(single["losses"], abs=1e-4)
-    out = "adapter/adapter.safetensors" if method == "lora" else "final/model.safetensors"
-    a, b = load_file(str(tmp_path / "single" / "run" / out)), load_file(str(tmp_path / "dist" / out))
+    out = "adapter" if method == "lora" else "final"
+    a, b = _weights(tmp_path / "single" / "run" / out), _weights(tmp_path / "dist" / out)
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 

@@ -35,17 +35,33 @@ SUPPORTED_HF = ("gpt2", "llama", "mistral", "qwen2")
 
 
 def _rope_theta(hf: dict) -> float:
+    # Older configs write the scaling as rope_scaling ({"type" or "rope_type": ...}); transformers
+    # 5 writes rope_parameters, which also carries rope_theta.
+    for field in ("rope_scaling", "rope_parameters"):
+        spec = hf.get(field) or {}
+        kind = spec.get("rope_type", spec.get("type")) or "default"
+        if kind != "default":
+            raise UnsupportedError(f"config.json {field}: rope_type {kind!r} is not supported; expected plain RoPE "
+                                   f"(rope_type 'default', or no {field}): RoPE scaling variants are left out")
     params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type", "default")
-    if kind not in (None, "default"):
-        raise UnsupportedError(
-            f"RoPE scaling type {kind!r} is not supported; supported: plain RoPE (no rope_scaling)"
-        )
-    return float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+    return float(hf.get("rope_theta") or params.get("rope_theta", 10000.0))
+
+
+# Config keys that give a decoder routed experts (Mixtral, Qwen2-MoE / Qwen3-MoE, DeepSeek, ...).
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _refuse_moe(hf: dict) -> None:
+    for key in _MOE_KEYS:
+        if hf.get(key):
+            raise UnsupportedError(
+                f"config.json {key}: got {hf[key]} (model_type {hf.get('model_type')!r}), expected no experts: "
+                f"mixture of experts is not supported; supported: dense {', '.join(SUPPORTED_HF)} decoders"
+            )
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
+    _refuse_moe(hf)
     mt = hf.get("model_type")
     if mt not in SUPPORTED_HF:
         raise UnsupportedError(
@@ -256,6 +272,10 @@ def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise LMStackError(f"{index.name} names {', '.join(missing)}, which is missing from {folder} "
+                               f"(expected all {len(files)} shards it lists)")
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from lmstack.eval.bertscore import bertscore, bertscore_scores, idf_weights
+from lmstack.eval.bertscore import bertscore, bertscore_scores, full_length, idf_weights
 
 CANDS = ["The cat sat on the mat.", "A fast brown fox leaps over a lazy dog.", "Paris is in France.",
          "hello world", "The meeting moved to Thursday."]
@@ -50,3 +50,43 @@ def test_idf_weights():
 
     assert w[101] == w[102] == 0.0
     assert w[5] == pytest.approx(math.log(3 / 3)) and w[6] == pytest.approx(math.log(3 / 2))
+
+
+def _long_text(seed: int, n_words: int) -> str:
+    """Deterministic prose-like text of ``n_words`` words from a mixed vocabulary."""
+    import random
+
+    words = ("the a river city council report measured rainfall across northern valleys while engineers "
+             "debated whether older bridges could carry heavier freight trains during winter storms and "
+             "farmers planted barley wheat oats near quiet villages with stone churches markets schools "
+             "hospitals; researchers published 2024 figures showing temperatures rose 1.5 degrees").split()
+    rng = random.Random(seed)
+    return " ".join(rng.choice(words) for _ in range(n_words))
+
+
+# Lengths in words: two past 300 wordpieces but under 512, two past 512 (cut there), two short.
+LONG_CANDS = [_long_text(1, 330), _long_text(2, 600), _long_text(3, 25), _long_text(4, 420),
+              "Paris is in France.", _long_text(5, 700)]
+LONG_REFS = [_long_text(11, 360), _long_text(12, 380), _long_text(13, 650), _long_text(14, 20),
+             "The capital of France is Paris.", _long_text(15, 560)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("idf", [False, True])
+def test_matches_bert_score_package_past_256_wordpieces(encoder, idf):
+    """Texts longer than the sentence-embedding limit (256) are read to 512 wordpieces, as
+    bert-score does; with IDF the long references' counts also agree."""
+    bert_score = pytest.importorskip("bert_score")
+    from lmstack.model.encoder import default_encoder_path
+
+    texts = LONG_CANDS + LONG_REFS
+    assert encoder.cfg.max_seq_length == 256 and max(len(encoder.tokenizer.encode(t).ids) for t in texts) == 256
+    full = [len(full_length(encoder).tokenizer.encode(t).ids) for t in texts]
+    assert sum(300 < x < 512 for x in full) >= 4 and sum(x == 512 for x in full) >= 3
+    P, R, F = bert_score.score(LONG_CANDS, LONG_REFS, model_type=str(default_encoder_path()), num_layers=6,
+                               idf=idf, batch_size=4)
+    ours = bertscore_scores(LONG_CANDS, LONG_REFS, encoder, idf=idf)
+    for key, want in (("precision", P), ("recall", R), ("f1", F)):
+        torch.testing.assert_close(torch.tensor(ours[key]), want, rtol=0, atol=1e-5)
+    # The sentence-embedding path still reads 256 wordpieces.
+    assert max(len(encoder.tokenizer.encode(t).ids) for t in texts) == 256

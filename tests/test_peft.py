@@ -92,19 +92,72 @@ def test_disabled_gives_base_logits_merged_or_not():
     assert not any(getattr(m, "disabled", False) for m in model.modules())
 
 
-def test_lora_only_save_reloads_onto_base(tmp_path):
+@pytest.mark.parametrize("fmt,weights", [(None, "adapter_model.safetensors"), ("peft", "adapter_model.safetensors"),
+                                         ("lmstack", "adapter.safetensors")])
+def test_lora_only_save_reloads_onto_base(tmp_path, fmt, weights):
+    """Both folder formats (PEFT's, the default for LoRA, and lmstack's own) reload exactly."""
     base = _model()
     model = apply_peft(copy.deepcopy(base), PEFTConfig(method="lora", r=4, alpha=8, targets=["q_proj", "v_proj"]))
     _randomise_lora(model)
     ids = _ids()
     want = model(ids)
-    save_adapter(model, tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter", format=fmt)
     from safetensors.torch import load_file
 
-    saved = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted(["adapter_config.json", weights])
+    saved = load_file(str(tmp_path / "adapter" / weights))
     assert len(saved) == 2 * 2 * 2 and all("lora_" in k for k in saved)  # 2 layers x q,v x A,B
     fresh = load_adapter(copy.deepcopy(base), tmp_path / "adapter")
+    assert fresh.peft_config == model.peft_config
     torch.testing.assert_close(fresh(ids), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["qlora", "prefix", "adapter"])
+def test_other_methods_save_and_reload(tmp_path, method):
+    """QLoRA goes into PEFT's format (its quantisation travels in lmstack's header entry);
+    prefix tuning and bottleneck adapters, which PEFT's LoRA files cannot hold, into lmstack's."""
+    base = _model()
+    cfg = PEFTConfig(method=method, r=4, alpha=8, group_size=32, n_prefix=4, adapter_size=8)
+    model = apply_peft(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for k, t in peft_state_dict(model).items():
+            t.add_(torch.randn(t.shape, generator=torch.Generator().manual_seed(len(k))) * 0.1)
+    ids = _ids()
+    want = model(ids)
+    save_adapter(model, tmp_path / "a")
+    weights = "adapter_model.safetensors" if method == "qlora" else "adapter.safetensors"
+    assert (tmp_path / "a" / weights).is_file()
+    fresh = load_adapter(copy.deepcopy(base), tmp_path / "a")
+    assert fresh.peft_config == cfg
+    torch.testing.assert_close(fresh(ids), want, rtol=0, atol=0)
+    if method != "qlora":
+        from lmstack.errors import UnsupportedError
+
+        with pytest.raises(UnsupportedError, match="format='lmstack'"):
+            save_adapter(model, tmp_path / "b", format="peft")
+        assert not (tmp_path / "b").exists()
+
+
+def test_peft_folder_errors_name_the_field(tmp_path):
+    import json
+
+    from lmstack.errors import ConfigError, LMStackError, UnsupportedError
+
+    model = apply_peft(_model(), PEFTConfig(method="lora", r=2, alpha=2, targets=["q_proj"]))
+    with pytest.raises(ConfigError, match="format: got 'gguf'"):
+        save_adapter(model, tmp_path / "x", format="gguf")
+    save_adapter(model, tmp_path / "a")
+    cfg_file = tmp_path / "a" / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    assert cfg["target_modules"] == ["q_proj"] and cfg["peft_type"] == "LORA"
+    for key, value, match in (("use_dora", True, "use_dora=True"), ("peft_type", "IA3", "peft_type 'IA3'"),
+                              ("modules_to_save", ["lm_head"], "modules_to_save")):
+        cfg_file.write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(UnsupportedError, match=match):
+            load_adapter(_model(), tmp_path / "a")
+    cfg_file.write_text(json.dumps({**cfg, "r": 3}))  # rank 3 claimed, tensors of rank 2
+    with pytest.raises(LMStackError, match="expects rank 3"):
+        load_adapter(_model(), tmp_path / "a")
 
 
 def test_adapter_refuses_other_base(tmp_path):

@@ -10,6 +10,9 @@ the text already starts with a space (``' Hello'`` -> ``▁`` ``▁Hello``).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -21,7 +24,9 @@ from lmstack.errors import LMStackError, UnsupportedError
 from lmstack.tokenizer import Tokenizer
 from lmstack.tokenizer.gguf_vocab import read_metadata, read_vocab, reader_metadata
 
-VOCAB_DIR = Path(__file__).resolve().parent.parent / "third_party" / "llama-vocab"
+# LMSTACK_LLAMA_VOCAB_DIR points the suite at another copy (the CI rule below is tested with a missing one).
+VOCAB_DIR = Path(os.environ.get("LMSTACK_LLAMA_VOCAB_DIR")
+                 or Path(__file__).resolve().parent.parent / "third_party" / "llama-vocab")
 SEPARATOR = "\n__ggml_vocab_test__\n"
 
 # Vocabularies whose tokenizer model lmstack does not implement (and why).
@@ -31,10 +36,19 @@ UNSUPPORTED = {
 # Vocabularies whose decode is not the input: qwen2 applies NFC; BERT lowercases, strips
 # accents and rejoins word pieces with single spaces.
 LOSSY = {"qwen2", "bert-bge"}
-NAMES = sorted(p.name[len("ggml-vocab-"):-len(".gguf")] for p in VOCAB_DIR.glob("ggml-vocab-*.gguf"))
 MUST_PASS = ["gpt-2", "llama-bpe", "qwen2"]
+# Without the folder the required names stand in, so the tests exist and skip (or fail in CI) by name.
+NAMES = sorted(p.name[len("ggml-vocab-"):-len(".gguf")] for p in VOCAB_DIR.glob("ggml-vocab-*.gguf")) or MUST_PASS
+# llama.cpp ships .inp/.out vectors for most vocabularies, not all (those are only loaded, below).
+WITH_VECTORS = [n for n in NAMES if Path(f"{VOCAB_DIR / f'ggml-vocab-{n}.gguf'}.inp").is_file()
+                or n in UNSUPPORTED or not VOCAB_DIR.is_dir()]
 
-needs_vocabs = pytest.mark.skipif(not VOCAB_DIR.is_dir(), reason=f"{VOCAB_DIR} absent: run scripts/fetch_test_assets.sh")
+
+def needs_vocabs(test):
+    """The vocabularies are a required asset: absent, the test skips with the reason, and under
+    ``CI=true`` it fails (``conftest.pytest_runtest_makereport``)."""
+    absent = pytest.mark.skipif(not VOCAB_DIR.is_dir(), reason=f"{VOCAB_DIR} absent: run scripts/fetch_test_assets.sh")
+    return pytest.mark.assets(absent(test))
 
 
 def vocab_path(name: str) -> Path:
@@ -61,19 +75,17 @@ def load(name: str) -> Tokenizer:
 
 @needs_vocabs
 def test_the_required_vocabs_are_present() -> None:
-    assert set(MUST_PASS) <= set(NAMES), f"missing {set(MUST_PASS) - set(NAMES)} in {VOCAB_DIR}"
+    assert set(MUST_PASS) <= set(WITH_VECTORS), f"missing {set(MUST_PASS) - set(WITH_VECTORS)} in {VOCAB_DIR}"
 
 
 @needs_vocabs
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", WITH_VECTORS)
 def test_llama_cpp_vectors(name: str) -> None:
     path = vocab_path(name)
     if name in UNSUPPORTED:
         with pytest.raises(UnsupportedError):
             Tokenizer.load(path)
         pytest.xfail(UNSUPPORTED[name])
-    if not Path(f"{path}.inp").exists():
-        pytest.skip(f"{path.name}: llama.cpp ships no .inp/.out vectors for it (loading is tested below)")
     tok = load(name)
     vectors = read_vectors(path)
     failures = [(text, expected, tok.encode(text)) for text, expected in vectors
@@ -228,3 +240,28 @@ def test_stream_real_vocab(name: str, text: str) -> None:
         if any(t in text for t in tok.special_tokens):
             return
     assert tok.decode(tok.encode(text)) == text
+
+
+def _run_vector_tests(env: dict) -> subprocess.CompletedProcess:
+    """This file's vector tests in a separate pytest, with ``env`` added to the environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+         "-k", "llama_cpp_vectors or required_vocabs"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=300, check=False,
+        cwd=Path(__file__).resolve().parent.parent)
+
+
+@pytest.mark.slow
+def test_missing_vectors_fail_in_ci_and_skip_locally(tmp_path: Path) -> None:
+    """With the vector folder pointing nowhere: ``CI=true`` fails every vector test (naming the
+    asset), while a local run skips them with the reason and passes."""
+    nowhere = str(tmp_path / "no-such-folder")
+    ci = _run_vector_tests({"CI": "true", "LMSTACK_LLAMA_VOCAB_DIR": nowhere})
+    assert ci.returncode == 1, ci.stdout[-2000:]
+    assert "CI=true: a required asset is missing" in ci.stdout and nowhere in ci.stdout
+    assert " skipped" not in ci.stdout.splitlines()[-1] and " passed" not in ci.stdout.splitlines()[-1]
+    local = _run_vector_tests({"CI": "", "LMSTACK_LLAMA_VOCAB_DIR": nowhere})
+    assert local.returncode == 0, local.stdout[-2000:]
+    summary = local.stdout.splitlines()[-1]
+    assert f"{len(MUST_PASS) + 1} skipped" in summary and "failed" not in summary and "error" not in summary
+    assert f"{nowhere} absent: run scripts/fetch_test_assets.sh" in local.stdout

@@ -95,6 +95,7 @@ def test_compression_counts():
                    "tokens": 7, "bytes": 7, "words": 3}
 
 
+@pytest.mark.assets
 @pytest.mark.skipif(gpt2_encoding() is None, reason="gpt2.tiktoken missing: run scripts/fetch_data_assets.sh")
 def test_gpt2_reference_matches_llama_cpp_vectors():
     """The offline GPT-2 ranks reproduce llama.cpp's published GPT-2 tokenizer test vectors."""

@@ -12,6 +12,12 @@ references. [CLS] and [SEP] weigh 0 but stay in the similarity matrix, the conve
 ``bert-score`` package, so with the same model and layer the numbers agree with it.
 Multiple references: the one with the best F counts.
 
+Texts are read up to the encoder's positions (``block_size``: 512 wordpieces for
+all-MiniLM-L6-v2, specials included), as ``bert-score`` truncates at the tokenizer's
+``model_max_length``; the sentence-embedding path (``Encoder.encode``) keeps the shorter
+``max_seq_length`` (256) the checkpoint was trained for. Longer texts are cut there, in both
+the scores and the IDF counts.
+
 Deliberately left out: baseline rescaling (its baselines are per model and not available
 offline) and layer selection (the encoder's last layer is used).
 """
@@ -36,6 +42,22 @@ def idf_weights(token_ids: Sequence[Sequence[int]], special_ids: Sequence[int]) 
     return weights
 
 
+def full_length(encoder):
+    """The same network and vocabulary, truncating at ``block_size`` instead of ``max_seq_length``.
+
+    A shallow copy with its own tokenizer: ``encoder`` itself (shared with ``encode``) is unchanged.
+    """
+    import copy
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(encoder.tokenizer.to_str())
+    tok.enable_truncation(max_length=encoder.cfg.block_size)
+    long = copy.copy(encoder)
+    long.tokenizer = tok
+    return long
+
+
 def bertscore_scores(predictions: Sequence[str], references: Sequence[Reference], encoder=None,
                      idf: bool = False, batch_size: int = 32) -> dict[str, list[float]]:
     """Per-item BERTScore precision, recall and F1 (best reference by F1)."""
@@ -44,6 +66,7 @@ def bertscore_scores(predictions: Sequence[str], references: Sequence[Reference]
         from lmstack.model.encoder import Encoder
 
         encoder = Encoder.load()
+    encoder = full_length(encoder)
     tok = encoder.tokenizer
     specials = [i for i in (tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")) if i is not None]
     flat_refs = [r for rs in refs for r in rs]
@@ -88,4 +111,4 @@ def bertscore(predictions: Sequence[str], references: Sequence[Reference], encod
     return {k: _mean(v) for k, v in scores.items()}
 
 
-__all__ = ["bertscore", "bertscore_scores", "idf_weights"]
+__all__ = ["bertscore", "bertscore_scores", "full_length", "idf_weights"]

@@ -120,7 +120,7 @@ def gguf_state_dict(reader, cfg: ModelConfig, progress: bool = False) -> dict[st
             _, i, name = base.split(".", 2)
             if name == "attn_qkv":  # GPT-2: fused rows [q; k; v]
                 for p, part in zip("qkv", np.split(w, 3, axis=0)):
-                    sd[f"blocks.{i}.attn.{p}_proj.{kind}"] = torch.from_numpy(np.ascontiguousarray(part))
+                    sd[f"blocks.{i}.attn.{p}_proj.{kind}"] = torch.from_numpy(np.array(part, order="C", copy=True))  # a view of a read-only mmap
                 continue
             if name not in _LAYER:
                 raise UnsupportedError(f"unexpected GGUF tensor {t.name!r} for arch {cfg.arch}")

@@ -2,9 +2,17 @@
 
 ``apply_peft(model, PEFTConfig(method="lora", ...))`` freezes the base and swaps modules in
 place; everything else in this file works on whichever PEFT modules the model holds. An
-adapter folder holds ``adapter.safetensors`` (only the PEFT tensors, under their full model
-keys) and ``adapter_config.json`` (the ``PEFTConfig`` and the base model's shape), so it
-reloads onto a freshly loaded base with ``load_adapter``.
+adapter folder reloads onto a freshly loaded base with ``load_adapter``.
+
+Two folder formats (``save_adapter(..., format=...)``; ``load_adapter`` reads both):
+
+* ``peft``, the default for LoRA and QLoRA on a base that ``transformers`` has: Hugging Face
+  PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` (``peft_format``), which
+  ``peft.PeftModel.from_pretrained`` loads onto the exported base and lmstack reads back;
+* ``lmstack``, for prefix tuning and bottleneck adapters (no PEFT equivalent) and any base
+  without a ``transformers`` counterpart: ``adapter.safetensors`` (only the PEFT tensors, under
+  their full model keys) and ``adapter_config.json`` (the ``PEFTConfig`` and the base model's
+  shape).
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -53,13 +61,7 @@ def apply_peft(model: nn.Module, cfg: PEFTConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.method in ("lora", "qlora"):
-        if cfg.method == "qlora":
-            from lmstack.quant.linear import quantize_embeddings, quantize_model
-
-            quantize_model(model, cfg.quant_bits, cfg.group_size, targets=cfg.targets)
-            if cfg.quant_embedding:
-                quantize_embeddings(model, cfg.quant_bits, cfg.group_size)
-            _own_memory(model)
+        quantize_base(model, cfg)
         n = _swap(model, cfg.targets, lambda m: LoRALinear(m, cfg.r, cfg.alpha, cfg.dropout, cfg.keep_base_copy))
     elif cfg.method == "prefix":
         n = _swap(model, ["attn"], lambda m: PrefixAttention(m, cfg.n_prefix))
@@ -71,6 +73,18 @@ def apply_peft(model: nn.Module, cfg: PEFTConfig) -> nn.Module:
         raise ConfigError(f"PEFT {cfg.method}: no target module found (targets {cfg.targets})")
     model.peft_config = cfg
     return model
+
+
+def quantize_base(model: nn.Module, cfg: PEFTConfig) -> None:
+    """QLoRA: quantise the targeted linears (and the embeddings) of the frozen base, in place."""
+    if cfg.method != "qlora":
+        return
+    from lmstack.quant.linear import quantize_embeddings, quantize_model
+
+    quantize_model(model, cfg.quant_bits, cfg.group_size, targets=cfg.targets)
+    if cfg.quant_embedding:
+        quantize_embeddings(model, cfg.quant_bits, cfg.group_size)
+    _own_memory(model)
 
 
 def base_loader(cfg: PEFTConfig):
@@ -192,31 +206,97 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
-    """Write the PEFT tensors and config (atomically, as one folder)."""
+def _exports_to_hf(model: nn.Module) -> bool:
+    from lmstack.model.checkpoint import config_to_hf
+
+    try:
+        config_to_hf(model.config)
+    except (UnsupportedError, AttributeError):
+        return False
+    return True
+
+
+def _write_lmstack(model: nn.Module, cfg: PEFTConfig, folder: Path) -> None:
     from safetensors.torch import save_file
 
-    cfg = getattr(model, "peft_config", None)
-    if cfg is None:
-        raise LMStackError("the model has no PEFT modules to save (method 'full' saves whole checkpoints)")
     sd = {k: v.detach().cpu().contiguous() for k, v in peft_state_dict(model).items()}
     for k, v in sd.items():
         if not torch.isfinite(v).all():
             raise LMStackError(f"refusing to save the adapter: tensor {k} has non-finite values")
+    save_file(sd, str(folder / ADAPTER_FILE))
+    meta = {"peft": asdict(cfg), "base_model": model.config.to_dict() if hasattr(model, "config") else None}
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+
+
+def _write_peft(model: nn.Module, cfg: PEFTConfig, folder: Path) -> None:
+    from lmstack.peft.peft_format import write_peft
+
+    if cfg.method not in ("lora", "qlora"):
+        raise UnsupportedError(f"save_adapter: format 'peft' holds LoRA adapters; method {cfg.method!r} "
+                               "is saved with format='lmstack'")
+    write_peft(model, cfg, folder)
+
+
+ADAPTER_WRITERS = {"peft": _write_peft, "lmstack": _write_lmstack}
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, format: Optional[str] = None) -> Path:
+    """Write the PEFT tensors and config (atomically, as one folder).
+
+    ``format`` (see the module docstring): ``"peft"`` or ``"lmstack"``; None picks ``peft`` for
+    LoRA / QLoRA on a base ``transformers`` has, else ``lmstack``.
+    """
+    cfg = getattr(model, "peft_config", None)
+    if cfg is None:
+        raise LMStackError("the model has no PEFT modules to save (method 'full' saves whole checkpoints)")
+    if format is None:
+        format = "peft" if cfg.method in ("lora", "qlora") and _exports_to_hf(model) else "lmstack"
+    if format not in ADAPTER_WRITERS:
+        raise ConfigError(f"save_adapter format: got {format!r}, expected one of {sorted(ADAPTER_WRITERS)}")
     with atomic_dir(folder) as tmp:
-        save_file(sd, str(tmp / ADAPTER_FILE))
-        meta = {"peft": asdict(cfg), "base_model": model.config.to_dict() if hasattr(model, "config") else None}
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+        ADAPTER_WRITERS[format](model, cfg, tmp)
     return Path(folder)
 
 
+def _attach_lora(model: nn.Module, cfg: PEFTConfig, plan: dict) -> None:
+    """Freeze the base and put a LoRA layer holding ``plan[name] = (A, B, alpha)`` at each named
+    module (each with its own rank), after QLoRA's quantisation."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    quantize_base(model, cfg)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, (a, b, alpha) in plan.items():
+            parent, leaf = name.rsplit(".", 1)
+            lora = LoRALinear(modules[name], a.shape[0], alpha, cfg.dropout, cfg.keep_base_copy)
+            lora.lora_A.copy_(a)
+            lora.lora_B.copy_(b)
+            setattr(modules[parent], leaf, lora)
+    model.peft_config = cfg
+
+
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
-    """Attach the saved PEFT modules to a base model and load their tensors (strict)."""
+    """Attach the saved PEFT modules to a base model and load their tensors (strict).
+
+    Reads both formats: a PEFT folder (``adapter_model.safetensors``, from ``save_adapter`` or
+    from PEFT itself) and lmstack's own (``adapter.safetensors``).
+    """
     from safetensors.torch import load_file
+
+    from lmstack.peft.peft_format import PEFT_WEIGHTS, read_peft
 
     folder = Path(folder)
     if not (folder / ADAPTER_CONFIG).is_file():
         raise LMStackError(f"{folder}: not an adapter folder (no {ADAPTER_CONFIG})")
+    if (folder / PEFT_WEIGHTS).is_file():
+        if any(isinstance(m, PEFT_MODULES) for m in model.modules()):
+            raise LMStackError(f"{folder}: the model already has PEFT modules; load the adapter onto a fresh base")
+        cfg, plan = read_peft(model, folder)
+        _attach_lora(model, cfg, plan)
+        return model
+    if not (folder / ADAPTER_FILE).is_file():
+        raise LMStackError(f"{folder}: not an adapter folder (expected {PEFT_WEIGHTS} or {ADAPTER_FILE} "
+                           f"beside {ADAPTER_CONFIG})")
     meta = json.loads((folder / ADAPTER_CONFIG).read_text())
     base = meta.get("base_model")
     if base is not None and hasattr(model, "config") and model.config.to_dict() != base:

@@ -132,9 +132,9 @@ def test_an_unknown_kind_names_the_known_ones():
     from lmstack.eval.kinds import KINDS
 
     with pytest.raises(ConfigError, match=r"task 't': kind 'qa' is not a task kind; expected one of "
-                                          r"\['multiple_choice', 'generative', .*'gpt_score'\]"):
+                                          r"\['multiple_choice', 'generative', .*'gpt_score', 'reward_model'\]"):
         config_from_dict(SuiteConfig, {"name": "s", "tasks": [{"name": "t", "kind": "qa", "dataset": "qa"}]})
-    assert len(KINDS) == 11 and all(callable(k.run) and k.reads for k in KINDS.values())
+    assert len(KINDS) == 12 and all(callable(k.run) and k.reads for k in KINDS.values())
 
 
 def test_bootstrap_mean_interval_has_the_textbook_width():

@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     run.add_argument("--name", help="the model's name in the report (default: --model as given)")
     run.add_argument("--base-url", help="an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
     run.add_argument("--api-key", help="API key for --base-url (default: $OPENAI_API_KEY)")
-    run.add_argument("--judge", help="judge model path for the judge-based tasks (default: the model itself)")
+    run.add_argument("--judge", help="judge for the judge-based tasks: a model path, or a reward-model folder from `lmstack rm` for the reward_model kind (default: the model itself)")
     run.add_argument("--out", default="eval-out", help="folder for report.json, report.md, report.html, scores.png")
     run.add_argument("--cache", help="output cache file (default: OUT/cache.jsonl); re-runs reuse it")
     run.add_argument("--no-cache", action="store_true", help="do not read or write the output cache")
@@ -134,7 +134,8 @@ def _run(args) -> int:
     from pathlib import Path
 
     from lmstack.eval.cache import OutputCache
-    from lmstack.eval.models import LLMModel, load_model
+    from lmstack.eval.models import load_model
+    from lmstack.eval.reward_judge import load_judge
 
     if not args.base_url:
         set_threads(args.threads)
@@ -143,7 +144,7 @@ def _run(args) -> int:
                        args.batch_size)
     if args.judge:
         note_model(args.judge)
-    judge = LLMModel.load(args.judge, batch_size=args.batch_size) if args.judge else model
+    judge = load_judge(args.judge, batch_size=args.batch_size) if args.judge else model
     cache = OutputCache(None if args.no_cache else (args.cache or Path(args.out) / "cache.jsonl"))
     name = args.name or args.model + (f" + adapter {args.adapter}" if args.adapter else "")
     report = run_suite(suite, model, name, judge, cache=cache)

@@ -29,6 +29,7 @@ from lmstack.errors import ConfigError, UnsupportedError
 from lmstack.eval import judge_tasks as J
 from lmstack.eval.calls import batch_size, generate_all, generate_answers, loglikelihood_all, progress_bar
 from lmstack.eval.items import TEXT_TYPES, item_id, references, render_prompt, text_of
+from lmstack.eval.reward_judge import run_reward_model
 from lmstack.eval.scoring import KindResult, MetricValue, check_metric_names, score
 
 DEFAULT_METRICS = {
@@ -175,5 +176,6 @@ KINDS: dict[str, Kind] = {
     "selfcheck": Kind(J.run_selfcheck, TEXT_TYPES, check=J.check_selfcheck),
     "rag": Kind(J.run_rag, ("rag",), judge=True, check=J.check_rag),
     "gpt_score": Kind(J.run_gpt_score, TEXT_TYPES),
+    "reward_model": Kind(run_reward_model, TEXT_TYPES, judge=True),
 }
 JUDGE_KINDS = [name for name, kind in KINDS.items() if kind.judge]

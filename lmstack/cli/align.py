@@ -1,0 +1,43 @@
+"""``lmstack dpo`` and ``lmstack kto``: preference training from a recipe (a YAML saved config).
+
+Every scalar field of the config is also a flag (``--loss ipo --beta 0.5``) and wins over
+the file; the run's summary, Ctrl-C handling and ``--resume`` are those of ``lmstack sft``.
+"""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    from lmstack.config import add_config_args
+    from lmstack.train.align_config import DPOConfig, KTOConfig
+
+    for name, cls, helptext in (
+        ("dpo", DPOConfig, "preference optimisation on chosen/rejected pairs (DPO, cDPO, rDPO, IPO, SLiC, SimPO, ORPO)"),
+        ("kto", KTOConfig, "Kahneman-Tversky optimisation on completions labelled desirable or undesirable"),
+    ):
+        p = subparsers.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("config", nargs="?", help="YAML recipe (see recipes/align/); flags override it")
+        p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint")
+        p.add_argument("--json", action="store_true", help="end with the summary as one JSON line")
+        add_config_args(p, cls)
+        p.set_defaults(func=_run, config_cls=cls, stage=name)
+
+
+def _run(args) -> int:
+    from lmstack.cli._common import note_model
+    from lmstack.cli.train import _config, _report, _stopped
+    from lmstack.train.dpo import dpo
+    from lmstack.train.kto import kto
+
+    cfg = _config(args)
+    note_model(cfg.model)
+    try:
+        out = {"dpo": dpo, "kto": kto}[args.stage](cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        return _stopped(args.stage, args, cfg)
+    _report(args.stage, out, cfg, args.json)
+    if "val_reward_acc" in out and not args.json:
+        before = out.get("val_reward_acc_before")
+        print(f"  held-out preference accuracy: {'' if before is None else f'{before:.3f} -> '}"
+              f"{out['val_reward_acc']:.3f}")
+    return 0

@@ -1,0 +1,41 @@
+"""``lmstack grpo``: Group Relative Policy Optimization from a recipe (a YAML saved config).
+
+Every scalar field of the config is also a flag (``--num-generations 4 --beta 0.04``) and wins
+over the file; the run's summary, Ctrl-C handling and ``--resume`` are those of ``lmstack sft``.
+The rewards are a list in the recipe (built-in names or ``module:function``, each with a
+weight); ``--rewards exact_match my_pkg.rewards:brevity`` replaces it, every weight 1.
+"""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    from lmstack.config import add_config_args
+    from lmstack.train.grpo_config import GRPOConfig
+
+    helptext = "GRPO: online RL with group-normalised advantages on verifiable or learned rewards"
+    p = subparsers.add_parser("grpo", help=helptext, description=helptext)
+    p.add_argument("config", nargs="?", help="YAML recipe (see recipes/align/); flags override it")
+    p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint")
+    p.add_argument("--json", action="store_true", help="end with the summary as one JSON line")
+    add_config_args(p, GRPOConfig)
+    p.set_defaults(func=_grpo, config_cls=GRPOConfig)
+
+
+def _grpo(args) -> int:
+    from lmstack.cli._common import note_model
+    from lmstack.cli.train import _config, _report, _stopped
+    from lmstack.train.grpo import grpo
+
+    cfg = _config(args)
+    note_model(cfg.model)
+    try:
+        out = grpo(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        return _stopped("grpo", args, cfg)
+    _report("grpo", out, cfg, args.json)
+    if "after" in out and not args.json:
+        before = out.get("before")
+        start = "" if before is None else f"{before['accuracy']:.3f} -> "
+        print(f"  held-out accuracy: {start}{out['after']['accuracy']:.3f}")
+    return 0

@@ -1,0 +1,74 @@
+"""``lmstack rm`` (train a reward model on preference pairs) and ``lmstack ppo`` (RLHF with it).
+
+Like ``lmstack sft``: a YAML recipe (``recipes/align/``) whose every scalar field is also a
+flag, ``--resume``, ``--json``, and the same summary and Ctrl-C handling.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def register(subparsers) -> None:
+    from lmstack.config import add_config_args
+    from lmstack.train.rm_config import PPOConfig, RMConfig
+
+    for name, cls, helptext, fn in (
+        ("rm", RMConfig, "train a reward model (scalar head, Bradley-Terry loss) on preference pairs", _rm),
+        ("ppo", PPOConfig, "PPO against a trained reward model (value head, GAE, KL to the reference)", _ppo),
+    ):
+        p = subparsers.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("config", nargs="?", help="YAML recipe (see recipes/align/); flags override it")
+        p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint")
+        p.add_argument("--json", action="store_true", help="end with the summary as one JSON line")
+        add_config_args(p, cls)
+        p.set_defaults(func=fn, config_cls=cls)
+
+
+def _rm(args) -> int:
+    from lmstack.cli._common import note_model
+    from lmstack.cli.train import _config, _stopped
+    from lmstack.train.rm import rm
+
+    cfg = _config(args)
+    note_model(cfg.model)
+    try:
+        out = rm(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        return _stopped("rm", args, cfg)
+    extra = {k: out[k] for k in ("val_accuracy", "val_margin") if k in out}
+    _finish("rm", out, cfg, args.json, extra)
+    if extra and not args.json:
+        print(f"  held-out:   accuracy {extra['val_accuracy']:.3f}, mean margin {extra['val_margin']:.3f}")
+        print(f"  reward model: {out['run_dir']}/reward_model")
+    return 0
+
+
+def _finish(stage: str, out: dict, cfg, as_json: bool, extra: dict) -> None:
+    """``lmstack sft``'s summary; with ``--json`` one line that also holds the stage's ``extra`` figures."""
+    from lmstack.cli.train import _main_rank, _report
+
+    if as_json and out.get("losses") and _main_rank():
+        print(json.dumps({"run_dir": out["run_dir"], "steps": out["steps"], "final_loss": out["losses"][-1], **extra}))
+    else:
+        _report(stage, out, cfg, False)
+
+
+def _ppo(args) -> int:
+    from lmstack.cli._common import note_model
+    from lmstack.cli.train import _config, _stopped
+    from lmstack.train.ppo import ppo
+
+    cfg = _config(args)
+    note_model(cfg.model)
+    try:
+        out = ppo(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        return _stopped("ppo", args, cfg)
+    extra = {k: out[k] for k in ("before", "after") if k in out}
+    _finish("ppo", out, cfg, args.json, extra)
+    if extra and not args.json:
+        b, a = extra["before"], extra["after"]
+        print(f"  held-out:   reward-model score {b['score']:.3f} -> {a['score']:.3f}, KL to the reference "
+              f"{a['kl']:.3f} nats/sequence")
+    return 0

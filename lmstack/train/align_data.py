@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any, Union
 
 from lmstack.errors import ConfigError, LMStackError
+from lmstack.train.chat_data import numbered_jsonl
 
 Text = Union[str, list]  # plain text, or a list of {"role", "content"} messages
 
@@ -69,30 +68,7 @@ def is_conversational(x: Text) -> bool:
 
 def _rows(source: str, name: str) -> list[tuple[int, dict]]:
     """``(line number, object)`` of each non-blank line of a JSONL file or ``builtin:<name>``."""
-    if source.startswith("builtin:"):
-        stem = source[len("builtin:"):]
-        f = resources.files("lmstack.train.datasets") / f"{stem}.jsonl"
-        if not f.is_file():
-            have = sorted(p.name[:-6] for p in resources.files("lmstack.train.datasets").iterdir()
-                          if p.name.endswith(".jsonl"))
-            raise ConfigError(f"{name}: no builtin dataset {stem!r}; builtin datasets are {have}")
-        text = f.read_text(encoding="utf-8")
-    else:
-        p = Path(source)
-        if not p.is_file():
-            raise ConfigError(f"{name}: {source} not found (expected a JSONL file or builtin:<name>)")
-        text = p.read_text(encoding="utf-8")
-    rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name}: {source}:{i}: not valid JSON ({e.msg}: column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{name}: {source}:{i}: got a JSON {type(row).__name__}, expected an object")
-        rows.append((i, row))
+    rows = numbered_jsonl(source, name, "a JSONL file or builtin:<name>", error=DataError)
     if not rows:
         raise ConfigError(f"{name}: {source} has no examples")
     return rows

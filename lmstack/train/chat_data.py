@@ -21,6 +21,18 @@ def read_jsonl(source: str, field: str = "data") -> list[dict]:
     field in the errors.
     """
     expected = "a JSONL file with one chat or prompt/completion example per line"
+    rows = [row for _, row in numbered_jsonl(source, field, expected,
+                                             "an object with 'messages' or 'prompt'/'completion'")]
+    if not rows:
+        raise ConfigError(f"{field}: {source} is empty (expected {expected})")
+    return rows
+
+
+def numbered_jsonl(source: str, field: str, expected: str, obj: str = "an object",
+                   error: type[LMStackError] = LMStackError) -> list[tuple[int, dict]]:
+    """``(line number, object)`` of each non-blank line of a JSONL file or of ``builtin:<name>`` (a
+    file in ``lmstack/train/datasets``). Errors name ``field``, the file and the line; a bad line
+    raises ``error``, ``expected`` says what the file should be and ``obj`` what each line should hold."""
     if source.startswith("builtin:"):
         name = source[len("builtin:"):]
         f = resources.files("lmstack.train.datasets") / f"{name}.jsonl"
@@ -41,13 +53,10 @@ def read_jsonl(source: str, field: str = "data") -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:  # e.msg alone stops mid-phrase ("Unterminated string starting at")
-            raise LMStackError(f"{field}: {source}:{i}: not valid JSON ({e.msg}: column {e.colno})") from None
+            raise error(f"{field}: {source}:{i}: not valid JSON ({e.msg}: column {e.colno})") from None
         if not isinstance(row, dict):
-            raise LMStackError(f"{field}: {source}:{i}: got a JSON {type(row).__name__}, expected an object "
-                               "with 'messages' or 'prompt'/'completion'")
-        rows.append(row)
-    if not rows:
-        raise ConfigError(f"{field}: {source} is empty (expected {expected})")
+            raise error(f"{field}: {source}:{i}: got a JSON {type(row).__name__}, expected {obj}")
+        rows.append((i, row))
     return rows
 
 

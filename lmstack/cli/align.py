@@ -8,19 +8,14 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    from lmstack.config import add_config_args
+    from lmstack.cli.train import add_stage
     from lmstack.train.align_config import DPOConfig, KTOConfig
 
     for name, cls, helptext in (
         ("dpo", DPOConfig, "preference optimisation on chosen/rejected pairs (DPO, cDPO, rDPO, IPO, SLiC, SimPO, ORPO)"),
         ("kto", KTOConfig, "Kahneman-Tversky optimisation on completions labelled desirable or undesirable"),
     ):
-        p = subparsers.add_parser(name, help=helptext, description=helptext)
-        p.add_argument("config", nargs="?", help="YAML recipe (see recipes/align/); flags override it")
-        p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint")
-        p.add_argument("--json", action="store_true", help="end with the summary as one JSON line")
-        add_config_args(p, cls)
-        p.set_defaults(func=_run, config_cls=cls, stage=name)
+        add_stage(subparsers, name, cls, helptext, _run, recipes="recipes/align/", stage=name)
 
 
 def _run(args) -> int:

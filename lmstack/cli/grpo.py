@@ -10,16 +10,11 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    from lmstack.config import add_config_args
+    from lmstack.cli.train import add_stage
     from lmstack.train.grpo_config import GRPOConfig
 
     helptext = "GRPO: online RL with group-normalised advantages on verifiable or learned rewards"
-    p = subparsers.add_parser("grpo", help=helptext, description=helptext)
-    p.add_argument("config", nargs="?", help="YAML recipe (see recipes/align/); flags override it")
-    p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint")
-    p.add_argument("--json", action="store_true", help="end with the summary as one JSON line")
-    add_config_args(p, GRPOConfig)
-    p.set_defaults(func=_grpo, config_cls=GRPOConfig)
+    add_stage(subparsers, "grpo", GRPOConfig, helptext, _grpo, recipes="recipes/align/")
 
 
 def _grpo(args) -> int:

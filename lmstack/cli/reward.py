@@ -10,19 +10,14 @@ import json
 
 
 def register(subparsers) -> None:
-    from lmstack.config import add_config_args
+    from lmstack.cli.train import add_stage
     from lmstack.train.rm_config import PPOConfig, RMConfig
 
     for name, cls, helptext, fn in (
         ("rm", RMConfig, "train a reward model (scalar head, Bradley-Terry loss) on preference pairs", _rm),
         ("ppo", PPOConfig, "PPO against a trained reward model (value head, GAE, KL to the reference)", _ppo),
     ):
-        p = subparsers.add_parser(name, help=helptext, description=helptext)
-        p.add_argument("config", nargs="?", help="YAML recipe (see recipes/align/); flags override it")
-        p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint")
-        p.add_argument("--json", action="store_true", help="end with the summary as one JSON line")
-        add_config_args(p, cls)
-        p.set_defaults(func=fn, config_cls=cls)
+        add_stage(subparsers, name, cls, helptext, fn, recipes="recipes/align/")
 
 
 def _rm(args) -> int:

@@ -16,19 +16,26 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from lmstack.config import add_config_args
     from lmstack.train.config import PretrainConfig, SFTConfig
 
     for name, cls, helptext, fn in (
         ("pretrain", PretrainConfig, "pre-train a model from scratch on token shards", _pretrain),
         ("sft", SFTConfig, "supervised fine-tuning (full, LoRA, QLoRA, prefix, adapters) on chat JSONL", _sft),
     ):
-        p = subparsers.add_parser(name, help=helptext, description=helptext)
-        p.add_argument("config", nargs="?", help="YAML recipe (see recipes/train/); flags override it")
-        p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint")
-        p.add_argument("--json", action="store_true", help="end with the summary as one JSON line")
-        add_config_args(p, cls)
-        p.set_defaults(func=fn, config_cls=cls)
+        add_stage(subparsers, name, cls, helptext, fn)
+
+
+def add_stage(subparsers, name: str, cls, helptext: str, fn, recipes: str = "recipes/train/", **defaults):
+    """The parser of a training stage: a recipe, ``--resume``, ``--json`` and a flag per config field."""
+    from lmstack.config import add_config_args
+
+    p = subparsers.add_parser(name, help=helptext, description=helptext)
+    p.add_argument("config", nargs="?", help=f"YAML recipe (see {recipes}); flags override it")
+    p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint")
+    p.add_argument("--json", action="store_true", help="end with the summary as one JSON line")
+    add_config_args(p, cls)
+    p.set_defaults(func=fn, config_cls=cls, **defaults)
+    return p
 
 
 def _config(args):

@@ -26,7 +26,7 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install "torch==2.13.0"
 
 if [ "$DEV" = 1 ]; then
-    $PIP install -e ".[test,data,eval,serve,train]"
+    $PIP install -e ".[test,data,eval,serve,train,rag]"
 else
     $PIP install -e .
 fi

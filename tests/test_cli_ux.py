@@ -159,7 +159,7 @@ def test_a_preset_says_it_has_random_weights_on_the_command_line_only(capfd):
 def test_serve_says_so_too(monkeypatch, capsys):
     import lmstack.serve.server as server
 
-    monkeypatch.setattr(server, "serve", lambda cfg: 0)
+    monkeypatch.setattr(server, "serve", lambda cfg, **kw: 0)
     assert main(["serve", "--model", "smollm2-135m"]) == 0
     assert "note: 'smollm2-135m' is a preset with random weights" in capsys.readouterr().err
 

@@ -26,4 +26,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     cfg = config_from_recipe(ServeConfig, a.config, a)
     if not cfg.upstream:
         note_model(cfg.model)
-    return serve(cfg)
+    extend = None
+    if cfg.rag:
+        from lmstack.rag.pipeline import RAG
+        from lmstack.rag.server import mount
+
+        rag = RAG.open(cfg.rag, create=False)
+        print(f"lmstack serve: RAG over {cfg.rag} ({rag.store.stats()['chunks']:,} chunks): "
+              "POST /v1/rag/search, POST /v1/rag/chat/completions", flush=True)
+        extend = lambda app: mount(app, rag)  # noqa: E731
+    return serve(cfg, extend=extend)

@@ -35,6 +35,7 @@ class ServeConfig(EngineConfig):
     upstream: Optional[str] = field(default=None, metadata={"help": "front this OpenAI-compatible base URL (e.g. a vLLM server's http://host:8000/v1) instead of loading a model"})
     upstream_api_key: Optional[str] = field(default=None, metadata={"help": "API key sent to the upstream (Authorization: Bearer)"})
     upstream_model: Optional[str] = field(default=None, metadata={"help": "model name sent to the upstream (default: the client's)"})
+    rag: Optional[str] = field(default=None, metadata={"help": "a RAG store (folder or postgresql:// URL): adds /v1/rag/search and /v1/rag/chat/completions"})
     embeddings: bool = field(default=True, metadata={"help": "serve /v1/embeddings with the embedded encoder"})
 
     def engine(self) -> EngineConfig:

@@ -95,7 +95,8 @@ def _uvicorn_server(app, cfg: ServeConfig, state: ServerState, on_shutdown: Opti
     return _DrainingServer(config)
 
 
-def serve(cfg: ServeConfig, backend=None) -> int:
+def serve(cfg: ServeConfig, backend=None, extend=None) -> int:
+    """Run the server until SIGTERM/Ctrl-C. ``extend(app)`` may add routes (``--rag`` does)."""
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -104,6 +105,8 @@ def serve(cfg: ServeConfig, backend=None) -> int:
     backend = backend or build_backend(cfg)
     state = ServerState()
     app = create_app(backend, cfg, state)
+    if extend is not None:
+        extend(app)
     stopped = threading.Event()
 
     def stop_backend() -> None:
@@ -125,13 +128,15 @@ def serve(cfg: ServeConfig, backend=None) -> int:
 class ServerThread:
     """``with ServerThread(backend, cfg) as s: ... s.url ...``: a server on a free local port."""
 
-    def __init__(self, backend, cfg: Optional[ServeConfig] = None):
+    def __init__(self, backend, cfg: Optional[ServeConfig] = None, extend=None):
         import socket
 
         self.cfg = cfg or ServeConfig()
         self.backend = backend
         self.state = ServerState()
         self.app = create_app(backend, self.cfg, self.state)
+        if extend is not None:
+            extend(self.app)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.cfg.host, self.cfg.port = "127.0.0.1", sock.getsockname()[1]

@@ -4,8 +4,8 @@
 
 A corpus of text and Markdown files (cut from the offline Wikipedia sample when it is
 installed, else generated) is ingested again and again by a child process that is sent SIGKILL
-after a random delay: 50% to 100% of the time an uninterrupted round takes (a running
-estimate). Before every round about 30% of the files are edited and a few deleted or added, so
+after a random delay: 50% to 95% of the time an uninterrupted round takes (measured on a
+first round, then a running estimate). Before every round about 30% of the files are edited and a few deleted or added, so
 each round has real writes to do and kills land in adds, updates and deletes alike. After every kill the store is reopened and checked
 (``Store.check``: chunks without vectors, vectors without chunks, duplicates, chunks without a
 document, graph/full-text index mismatches must all be 0). At the end one uninterrupted ingest
@@ -127,14 +127,18 @@ def run(kills: int, seed: int, store_kind: str, files: int, max_delay: float) ->
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     failures, killed, finished, t0 = [], 0, 0, time.time()
     mid_write, last_gen = 0, None  # kills after the child had committed at least one write
-    duration = max_delay  # running estimate of an uninterrupted round, to aim the kills inside it
+    # One uninterrupted round first: its time (and later finished rounds') aims the kills inside a round.
+    mutate(src, pool, rng)
+    started = time.time()
+    subprocess.run([sys.executable, "-c", CHILD, spec, str(src), str(10**9)], env=env, capture_output=True)
+    duration = time.time() - started
     for round_ in range(kills):
         hnsw_min = 20 if round_ % 2 else 10**9
         mutate(src, pool, rng)
         started = time.time()
         child = subprocess.Popen([sys.executable, "-c", CHILD, spec, str(src), str(hnsw_min)], env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(0.5, 1.0) * min(duration, max_delay))
+        time.sleep(rng.uniform(0.5, 0.95) * min(duration, max_delay))
         if child.poll() is None:
             child.send_signal(signal.SIGKILL)
             killed += 1

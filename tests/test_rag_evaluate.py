@@ -70,3 +70,16 @@ def test_abstention_is_fitted_on_half_and_answers_are_scored(setup):
     assert [r["split"] for r in records] == ["fit", "test", "fit"]
     assert all(r["abstained"] == (r["support"] < summary["abstain_threshold (fitted on even positions)"])
                for r in records)
+
+
+def test_fitted_thresholds_are_used_by_later_answers(setup):
+    import json
+
+    rag, qs = setup
+    summary, _ = eval_answers(rag, qs, {"mode": "hybrid"}, progress=False, n_answers=0)
+    fitted = summary["fitted_thresholds"]
+    assert {"dense", "overlap"} <= set(fitted) and "rerank" not in fitted  # no reranker: no rerank score
+    rag.store.set_meta("abstain_thresholds", json.dumps({"dense": 5.0}))  # a cosine never reaches 5
+    assert rag.answer_config().fitted_thresholds == {"dense": 5.0}
+    ans = rag.ask("Which instrument is played with a bow?", mode="dense")
+    assert ans.abstained and "5.000" in ans.reason

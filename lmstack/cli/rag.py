@@ -186,25 +186,24 @@ def register(sub) -> None:
     add_config_args(q, IngestConfig, skip=("sources",))
     q.set_defaults(func=cmd_ingest)
 
-    q = verbs.add_parser("search", help="the chunks retrieved for a query")
-    store_arg(q)
-    q.add_argument("query")
-    q.add_argument("--config", default=None, help="YAML file of RetrieveConfig fields")
-    q.add_argument("--embedder", default=None, help="override the store's embedder (must match it)")
-    q.add_argument("--model", default=None, help="LLM for rewriting / the llm reranker (default: embedded)")
-    q.add_argument("--json", action="store_true")
-    _retrieval_flags(q)
-    q.set_defaults(func=cmd_search)
+    def query_verb(name, help, text, config_help, model_help, json_help):
+        q = verbs.add_parser(name, help=help)
+        store_arg(q)
+        q.add_argument(text)
+        q.add_argument("--config", default=None, help=config_help)
+        q.add_argument("--embedder", default=None, help="override the store's embedder (must match it)")
+        q.add_argument("--model", default=None, help=model_help)
+        q.add_argument("--json", action="store_true", help=json_help)
+        _retrieval_flags(q)
+        return q
 
-    q = verbs.add_parser("ask", help="answer a question with cited sources (streams the answer)")
-    store_arg(q)
-    q.add_argument("question")
-    q.add_argument("--config", default=None, help="YAML file of RetrieveConfig / AnswerConfig fields")
-    q.add_argument("--embedder", default=None, help="override the store's embedder (must match it)")
-    q.add_argument("--model", default=None, help="the LLM that answers (default: the embedded model)")
-    q.add_argument("--json", action="store_true",
-                   help='print {"answer", "citations": [{"n", "source", "chunk_id", "start", "end"}], "contexts"}')
-    _retrieval_flags(q)
+    q = query_verb("search", "the chunks retrieved for a query", "query", "YAML file of RetrieveConfig fields",
+                   "LLM for rewriting / the llm reranker (default: embedded)", "print the hits as JSON")
+    q.set_defaults(func=cmd_search)
+    q = query_verb("ask", "answer a question with cited sources (streams the answer)", "question",
+                   "YAML file of RetrieveConfig / AnswerConfig fields",
+                   "the LLM that answers (default: the embedded model)",
+                   'print {"answer", "citations": [{"n", "source", "chunk_id", "start", "end"}], "contexts"}')
     add_config_args(q, AnswerConfig)
     q.set_defaults(func=cmd_ask)
 

@@ -108,7 +108,10 @@ class AnswerConfig:
     abstain_signal: str = field(default="auto", metadata={
         "help": "retrieval support: rerank, dense, overlap, or auto (the first of them the hits carry)"})
     abstain_threshold: float | None = field(default=None, metadata={
-        "help": "abstain below this support (default: per signal; fit it with calibrate_threshold)"})
+        "help": "abstain below this support (default: the store's fitted one for the signal, else per signal)"})
+    # Fitted thresholds per signal (``lmstack rag eval`` saves them in the store; ``RAG`` loads
+    # them): used when ``abstain_threshold`` is not given.
+    fitted_thresholds: dict | None = field(default=None, metadata={"help": "fitted threshold per signal"})
 
     def __post_init__(self) -> None:
         if self.checker not in CHECKERS:
@@ -446,6 +449,13 @@ def retrieval_support(question: str, hits: Sequence[Hit], signal: str = "auto") 
                       f"{sorted({k for h in hits for k in h.scores})})")
 
 
+def abstain_threshold(cfg: AnswerConfig, signal: str) -> float:
+    """The threshold in force for ``signal``: the one given, else the fitted one, else the default."""
+    if cfg.abstain_threshold is not None:
+        return cfg.abstain_threshold
+    return float((cfg.fitted_thresholds or {}).get(signal, DEFAULT_ABSTAIN[signal]))
+
+
 def calibrate_threshold(scores_answerable: Sequence[float], scores_unanswerable: Sequence[float]) -> float:
     """The abstention threshold (abstain when support < threshold) with the highest balanced
     accuracy, ``(share of answerable >= t + share of unanswerable < t) / 2``. Candidates are the
@@ -611,7 +621,7 @@ def answer_stream(llm, question: str, hits: Sequence[Hit], cfg: AnswerConfig | N
     abstention threshold the only piece is ``ABSTAIN_TEXT`` and the LLM is not called."""
     cfg = cfg or AnswerConfig()
     signal, support = retrieval_support(question, hits, cfg.abstain_signal)
-    threshold = DEFAULT_ABSTAIN[signal] if cfg.abstain_threshold is None else cfg.abstain_threshold
+    threshold = abstain_threshold(cfg, signal)
     if cfg.abstain and support < threshold:
         yield ABSTAIN_TEXT
         yield Answer(ABSTAIN_TEXT, abstained=True, support=support, signal=signal,

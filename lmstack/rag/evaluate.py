@@ -264,7 +264,8 @@ def eval_answers(rag, questions, overrides: dict[str, Any], judge=None, progress
 
     from tqdm import tqdm
 
-    from lmstack.rag.answer import AnswerConfig, answer, calibrate_threshold, retrieval_support
+    from lmstack.errors import LMStackError
+    from lmstack.rag.answer import SIGNALS, AnswerConfig, answer, calibrate_threshold, retrieval_support
 
     base_cfg = rag.answer_cfg or AnswerConfig()
     hits_all = [rag.retrieve(q.question, **overrides) for q in
@@ -276,6 +277,14 @@ def eval_answers(rag, questions, overrides: dict[str, Any], judge=None, progress
     threshold = calibrate_threshold([support[i] for i in fit if questions[i].answerable],
                                     [support[i] for i in fit if not questions[i].answerable])
     cfg = dataclasses.replace(base_cfg, abstain_signal=signal, abstain_threshold=threshold)
+    fitted = {}  # every signal these hits carry, fitted on all questions, for later answers on this store
+    for name in SIGNALS:
+        try:
+            vals = [retrieval_support(q.question, h, name)[1] for q, h in zip(questions, hits_all)]
+        except LMStackError:
+            continue
+        fitted[name] = calibrate_threshold([v for v, q in zip(vals, questions) if q.answerable],
+                                           [v for v, q in zip(vals, questions) if not q.answerable])
 
     def gate(idx, answerable):
         sel = [i for i in idx if questions[i].answerable == answerable]
@@ -297,6 +306,7 @@ def eval_answers(rag, questions, overrides: dict[str, Any], judge=None, progress
         "IDK rate, unanswerable (retrieval gate, all)": gate(range(len(questions)), False),
         "IDK rate, answerable (retrieval gate, all)": gate(range(len(questions)), True),
         "answered": len(records),
+        "fitted_thresholds": fitted,
     }
     if not records:
         return summary, records
@@ -382,6 +392,8 @@ def run_eval(a) -> int:
                 judge = LLMModel(rag.llm)
             answers, examples = eval_answers(rag, questions, grid[a.answer_config], judge=judge,
                                              progress=progress, n_answers=a.answers)
+            if not a.limit:  # thresholds fitted on the whole set answer later questions on this store
+                rag.store.set_meta("abstain_thresholds", json.dumps(answers["fitted_thresholds"]))
         stats = rag.info()
         meta = {"store": str(a.store), "chunks": stats.get("chunks"), "embedder": stats.get("embedder"),
                 "questions": len(questions), "answerable": sum(q.answerable for q in questions),

@@ -141,19 +141,32 @@ class RAG:
                         rewriter=(lambda q: queries), dense_queries=dense_queries)
 
     # -- answers -------------------------------------------------------------------------------
+    def answer_config(self, cfg=None):
+        """``cfg`` (else this RAG's, else the defaults) with the abstention thresholds that
+        ``lmstack rag eval`` fitted on this store, unless thresholds were given."""
+        import json
+
+        from lmstack.rag.answer import AnswerConfig
+
+        cfg = cfg or self.answer_cfg or AnswerConfig()
+        saved = self.store.get_meta("abstain_thresholds")
+        if cfg.fitted_thresholds is None and saved:
+            cfg = dataclasses.replace(cfg, fitted_thresholds=json.loads(saved))
+        return cfg
+
     def ask(self, query: str, **overrides):
         """Retrieve, then answer with numbered citations checked against their sources."""
         from lmstack.rag.answer import answer
 
         hits = self.retrieve(query, **overrides)
-        return answer(self.llm, query, hits, self.answer_cfg, embedder=self.embedder)
+        return answer(self.llm, query, hits, self.answer_config(), embedder=self.embedder)
 
     def ask_stream(self, query: str, **overrides) -> Iterator[Any]:
         """Text pieces as they are generated, then the final ``Answer``."""
         from lmstack.rag.answer import answer_stream
 
         hits = self.retrieve(query, **overrides)
-        yield from answer_stream(self.llm, query, hits, self.answer_cfg, embedder=self.embedder)
+        yield from answer_stream(self.llm, query, hits, self.answer_config(), embedder=self.embedder)
 
     # -- upkeep --------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

@@ -103,8 +103,8 @@ async def rag_search(req: SearchRequest, request: Request):
 
 @router.post("/v1/rag/chat/completions")
 async def rag_chat(req: RAGChatRequest, request: Request):
-    from lmstack.rag.answer import ABSTAIN_TEXT, AnswerConfig, build_context, check_citations, messages
-    from lmstack.rag.answer import retrieval_support
+    from lmstack.rag.answer import (ABSTAIN_TEXT, abstain_threshold, build_context, check_citations, messages,
+                                    retrieval_support)
 
     ctx = context(request)
     ctx.admission.check(request)
@@ -113,11 +113,9 @@ async def rag_chat(req: RAGChatRequest, request: Request):
         raise APIError(400, "messages: a RAG chat needs a user message with text (the question)", "messages")
     question = req.messages[users[-1]].text()
     hits = await _retrieve(request, question, req.rag)
-    cfg = request.app.state.rag_answer_cfg or AnswerConfig()
+    cfg = request.app.state.rag.answer_config(request.app.state.rag_answer_cfg)
     signal, support = retrieval_support(question, hits, cfg.abstain_signal)
-    from lmstack.rag.answer import DEFAULT_ABSTAIN
-
-    threshold = DEFAULT_ABSTAIN[signal] if cfg.abstain_threshold is None else cfg.abstain_threshold
+    threshold = abstain_threshold(cfg, signal)
     if cfg.abstain and support < threshold:
         return _abstain(req, ctx, ABSTAIN_TEXT, signal, support, threshold)
     tok = request.app.state.rag.embedder.tokenizer

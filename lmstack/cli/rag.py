@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -53,7 +52,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
     with RAG.open(a.store, embedder=a.embedder, create=True) as rag:
         from lmstack.rag.ingest import ingest
 
-        report = ingest(rag.store, sources, rag.embedder, cfg, progress=not a.json and sys.stderr.isatty())
+        report = ingest(rag.store, sources, rag.embedder, cfg, progress=not a.json)
         stats = rag.store.stats()
     if a.json:
         print(json.dumps(report.to_json() | {"store": stats}, indent=1))
@@ -144,7 +143,7 @@ def cmd_train_reranker(a: argparse.Namespace) -> int:
         out = str(Path(a.store) / "reranker")
     with open_store(a.store, create=False) as store:
         result = train_cross_encoder(store, out, n_queries=a.queries, negatives=a.negatives, steps=a.steps,
-                                     seed=a.seed, progress=sys.stderr.isatty())
+                                     seed=a.seed, progress=not a.json)
     print(json.dumps(result, indent=1, default=str) if a.json else
           f"reranker saved to {out}: held-out MRR {result['held_out_mrr_before']:.3f} -> "
           f"{result['held_out_mrr_after']:.3f}")

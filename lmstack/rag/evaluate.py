@@ -131,7 +131,8 @@ def eval_retrieval(rag, questions, configs: dict[str, dict[str, Any]], k: int = 
     rows = []
     for name, overrides in configs.items():
         rankings, t0 = [], time.perf_counter()
-        it = tqdm(qs, desc=f"retrieve [{name}]", unit="q", disable=not progress, leave=False)
+        it = tqdm(qs, desc=f"retrieve [{name}]", unit="q", disable=not progress, leave=False,
+                  mininterval=_interval())
         for q in it:
             rankings.append([h.chunk.id for h in rag.retrieve(q.question, k=k, **overrides)])
         ms = (time.perf_counter() - t0) * 1000 / max(len(qs), 1)
@@ -143,6 +144,13 @@ def eval_retrieval(rag, questions, configs: dict[str, dict[str, Any]], k: int = 
             print(f"  {name:<28} " + "  ".join(f"{m} {v:.3f}" for m, v in metrics.items()) + f"  {ms:.0f} ms/q",
                   flush=True)
     return rows
+
+
+def _interval() -> float:
+    """Progress redraws on a terminal; in a log (not a tty) one line every 30 s."""
+    import sys
+
+    return 0.1 if sys.stderr.isatty() else 30.0
 
 
 def overlap_at_k(a: dict[str, list[str]], b: dict[str, list[str]], k: int = 10) -> float:
@@ -269,7 +277,8 @@ def eval_answers(rag, questions, overrides: dict[str, Any], judge=None, progress
 
     base_cfg = rag.answer_cfg or AnswerConfig()
     hits_all = [rag.retrieve(q.question, **overrides) for q in
-                tqdm(questions, desc="retrieve", unit="q", disable=not progress, leave=False)]
+                tqdm(questions, desc="retrieve", unit="q", disable=not progress, leave=False,
+                     mininterval=_interval())]
     signal, _ = retrieval_support(questions[0].question, hits_all[0], base_cfg.abstain_signal)
     support = [retrieval_support(q.question, h, signal)[1] for q, h in zip(questions, hits_all)]
     fit = [i for i in range(len(questions)) if i % 2 == 0]
@@ -292,7 +301,8 @@ def eval_answers(rag, questions, overrides: dict[str, Any], judge=None, progress
 
     records = []
     todo = list(zip(questions, hits_all))[:len(questions) if n_answers is None else n_answers]
-    for i, (q, hits) in enumerate(tqdm(todo, desc="answer", unit="q", disable=not progress, leave=False)):
+    for i, (q, hits) in enumerate(tqdm(todo, desc="answer", unit="q", disable=not progress, leave=False,
+                                       mininterval=_interval())):
         a = answer(rag.llm, q.question, hits, cfg, embedder=rag.embedder)
         records.append({"id": q.id, "question": q.question, "reference": q.answer, "answerable": q.answerable,
                         "kind": q.kind, "answer": a.text, "abstained": a.abstained, "support": support[i],
@@ -358,9 +368,7 @@ def run_eval(a) -> int:
     from lmstack.rag.datasets.build_questions import load_questions
     from lmstack.rag.pipeline import RAG
 
-    import sys
-
-    progress = not a.json and sys.stderr.isatty()
+    progress = not a.json
     questions = load_questions(a.questions)
     if a.limit:
         questions = questions[:a.limit]

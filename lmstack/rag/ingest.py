@@ -342,7 +342,9 @@ def ingest(store: Store, sources: Sequence[str] | None, embedder: Any = None,
     pending: list[tuple[DocRecord, list, bool]] = []
     n_pending = 0
     total = None if any(r.corpus for r in roots) else sum(len(r.files) for r in roots)
-    bar = tqdm(total=total, unit="doc", desc="ingest", disable=not progress, file=sys.stderr)
+    # On a terminal the bar redraws; in a log (not a tty) it writes a line every 30 s instead.
+    bar = tqdm(total=total, unit="doc", desc="ingest", disable=not progress, file=sys.stderr,
+               mininterval=0.1 if sys.stderr.isatty() else 30)
 
     def flush() -> None:
         nonlocal n_pending

@@ -49,6 +49,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -566,7 +567,7 @@ def train_cross_encoder(store: Store, out_dir, n_queries: int = 1000, negatives:
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(bar, desc="train reranker", unit="step")
+        bar = tqdm(bar, desc="train reranker", unit="step", mininterval=0.1 if sys.stderr.isatty() else 30)
     for step in bar:
         if not order:
             order = rng.sample(range(len(batches)), len(batches))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from lmstack.errors import LMStackError
 from lmstack.quant.linear import QuantEmbedding
 from lmstack.train.align_data import Text, is_conversational
-from lmstack.train.loss import linear_cross_entropy
+from lmstack.train.loss import compute_dtype, linear_cross_entropy, vocab_walk
 
 Encoded = tuple[list[int], list[int]]  # (prompt ids, completion ids)
 
@@ -84,32 +84,12 @@ class _TokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, rows, vocab_size: int, chunk: int, dt: torch.dtype):
-        hc, n = h.to(dt), h.shape[0]
-        m = torch.full((n,), float("-inf"), device=h.device)  # running max of each token's logits
-        s = torch.zeros(n, device=h.device)  # running sum of exp(logit - m)
-        target_logit = torch.zeros(n, device=h.device)
         want = ctx.needs_input_grad[0]
-        acc = torch.zeros(h.shape, device=h.device) if want else None  # sum_j exp(z_j - m) W_j
-        w_target = torch.zeros(h.shape, device=h.device) if want else None
-        for a in range(0, vocab_size, chunk):
-            b = min(vocab_size, a + chunk)
-            w = weight[a:b].to(dt) if weight is not None else rows(a, b, dt)  # (b - a, C)
-            z = (hc @ w.t()).float()  # (N, b - a)
-            m_new = torch.maximum(m, z.amax(dim=1))
-            rescale = torch.exp(m - m_new)
-            e = torch.exp(z - m_new[:, None])
-            s = s * rescale + e.sum(dim=1)
-            m = m_new
-            inside = (targets >= a) & (targets < b)
-            picked = z.gather(1, (targets - a).clamp(0, b - a - 1)[:, None])[:, 0]
-            target_logit = torch.where(inside, picked, target_logit)
-            if want:
-                acc.mul_(rescale[:, None]).add_((e.to(dt) @ w).float())
-                w_target[inside] = w[targets[inside] - a].float()
+        lse, target_logit, acc, w_target = vocab_walk(h, weight, rows, targets, vocab_size, chunk, dt, want)
         if want:
-            ctx.save_for_backward(w_target.sub_(acc.div_(s[:, None])))  # d logp / d h, (N, C)
+            ctx.save_for_backward(w_target.sub_(acc))  # d logp / d h, (N, C)
         ctx.h_dtype = h.dtype
-        return target_logit - (m + s.log())
+        return target_logit - lse
 
     @staticmethod
     def backward(ctx, grad):
@@ -138,19 +118,15 @@ def completion_logps(model, input_ids: torch.Tensor, completion_mask: torch.Tens
     table = core.tok_emb if core.config.tie_embeddings else None
     chunk = loss_chunk or 4096
     if isinstance(table, QuantEmbedding):
-        tok = _TokenLogps.apply(h, None, t, table.rows, table.num_embeddings, chunk, _dtype(h))
+        tok = _TokenLogps.apply(h, None, t, table.rows, table.num_embeddings, chunk, compute_dtype(h))
     elif not core.output_weight.requires_grad or not torch.is_grad_enabled():
-        tok = _TokenLogps.apply(h, core.output_weight.detach(), t, None, core.output_weight.shape[0], chunk, _dtype(h))
+        tok = _TokenLogps.apply(h, core.output_weight.detach(), t, None, core.output_weight.shape[0], chunk, compute_dtype(h))
     else:  # full fine-tuning: the table's gradient too, through the fused loss, one sequence at a time
         sums = [-linear_cross_entropy(hb, core.output_weight, tb, chunk) if len(tb) else h.new_zeros(())
                 for hb, tb in zip(h.split(n_tokens.tolist()), t.split(n_tokens.tolist()))]
         return torch.stack(sums).float(), n_tokens
     return torch.zeros(len(n_tokens), device=h.device).index_add(0, row, tok), n_tokens
 
-
-def _dtype(h: torch.Tensor) -> torch.dtype:
-    dev = h.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
 
 
 # -- the policy, its reference and its outputs -------------------------------------------------

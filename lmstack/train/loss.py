@@ -30,7 +30,8 @@ import torch
 Rows = Callable[[int, int, torch.dtype], torch.Tensor]  # (start, end, dtype) -> (end - start, C)
 
 
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+def compute_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype the matmuls run in: the autocast dtype under autocast, else ``h``'s."""
     dev = h.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
 
@@ -39,36 +40,47 @@ def _chunk(weight: Optional[torch.Tensor], rows: Optional[Rows], a: int, b: int,
     return weight[a:b].to(dt) if weight is not None else rows(a, b, dt)
 
 
+def vocab_walk(h: torch.Tensor, weight: Optional[torch.Tensor], rows: Optional[Rows], targets: torch.Tensor,
+               vocab_size: int, chunk: int, dt: torch.dtype, accumulate: bool):
+    """One walk over the vocabulary, ``chunk`` rows at a time: ``(lse (N,), target_logit (N,),
+    acc, w_target)`` with ``lse`` the log-sum-exp of each token's logits (online rescaling).
+    With ``accumulate``, ``acc = softmax(z) W`` and ``w_target = W[target]`` (both ``(N, C)``,
+    fp32) come out of the same walk; otherwise both are None."""
+    hc = h.to(dt)
+    n = h.shape[0]
+    m = torch.full((n,), float("-inf"), device=h.device)  # running max of each token's logits
+    s = torch.zeros(n, device=h.device)  # running sum of exp(logit - m)
+    target_logit = torch.zeros(n, device=h.device)
+    acc = torch.zeros(h.shape, device=h.device) if accumulate else None  # sum_j exp(z_j - m) W_j
+    w_target = torch.zeros(h.shape, device=h.device) if accumulate else None
+    for a in range(0, vocab_size, chunk):
+        b = min(vocab_size, a + chunk)
+        w = _chunk(weight, rows, a, b, dt)  # (b - a, C)
+        z = (hc @ w.t()).float()  # (N, b - a)
+        m_new = torch.maximum(m, z.amax(dim=1))
+        rescale = torch.exp(m - m_new)
+        e = torch.exp(z - m_new[:, None])
+        s = s * rescale + e.sum(dim=1)
+        m = m_new
+        inside = (targets >= a) & (targets < b)
+        picked = z.gather(1, (targets - a).clamp(0, b - a - 1)[:, None])[:, 0]
+        target_logit = torch.where(inside, picked, target_logit)
+        if accumulate:
+            acc.mul_(rescale[:, None]).add_((e.to(dt) @ w).float())
+            w_target[inside] = w[targets[inside] - a].float()
+    if accumulate:
+        acc.div_(s[:, None])
+    return m + s.log(), target_logit, acc, w_target
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, rows: Optional[Rows], vocab_size: int, chunk: int, dt: torch.dtype):
-        hc = h.to(dt)
-        n = h.shape[0]
-        m = torch.full((n,), float("-inf"), device=h.device)  # running max of each token's logits
-        s = torch.zeros(n, device=h.device)  # running sum of exp(logit - m)
-        target_logit = torch.zeros(n, device=h.device)
-        # Frozen table, gradient wanted for h only: accumulate sum_j exp(z_j - m) W_j as we go.
+        # Frozen table, gradient wanted for h only: d loss / d h = softmax(z) W - W[target] from the one walk.
         one_pass = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
-        acc = torch.zeros(h.shape, device=h.device) if one_pass else None
-        w_target = torch.zeros(h.shape, device=h.device) if one_pass else None
-        for a in range(0, vocab_size, chunk):
-            b = min(vocab_size, a + chunk)
-            w = _chunk(weight, rows, a, b, dt)  # (b - a, C)
-            z = (hc @ w.t()).float()  # (N, b - a)
-            m_new = torch.maximum(m, z.amax(dim=1))
-            rescale = torch.exp(m - m_new)
-            e = torch.exp(z - m_new[:, None])
-            s = s * rescale + e.sum(dim=1)
-            m = m_new
-            inside = (targets >= a) & (targets < b)
-            picked = z.gather(1, (targets - a).clamp(0, b - a - 1)[:, None])[:, 0]
-            target_logit = torch.where(inside, picked, target_logit)
-            if one_pass:
-                acc.mul_(rescale[:, None]).add_((e.to(dt) @ w).float())
-                w_target[inside] = w[targets[inside] - a].float()
-        lse = m + s.log()  # (N,)
+        lse, target_logit, acc, w_target = vocab_walk(h, weight, rows, targets, vocab_size, chunk, dt, one_pass)
         if one_pass:
-            ctx.save_for_backward(acc.div_(s[:, None]).sub_(w_target))  # d loss / d h, (N, C)
+            ctx.save_for_backward(acc.sub_(w_target))  # d loss / d h, (N, C)
         else:
             ctx.save_for_backward(h, weight, targets, lse)
         ctx.one_pass, ctx.h_dtype = one_pass, h.dtype
@@ -117,4 +129,4 @@ def linear_cross_entropy(h: torch.Tensor, weight: Optional[torch.Tensor], target
         vocab_size = weight.shape[0]
     elif rows is None or vocab_size is None:
         raise ValueError("linear_cross_entropy: pass a weight, or rows and vocab_size")
-    return _LinearCrossEntropy.apply(h, weight, targets, rows, vocab_size, chunk, _compute_dtype(h))
+    return _LinearCrossEntropy.apply(h, weight, targets, rows, vocab_size, chunk, compute_dtype(h))

@@ -19,17 +19,13 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from lmstack.cli._common import note_model
-    from lmstack.cli.train import _config, _report, _stopped
+    from lmstack.cli.train import STOPPED, _report, run_stage
     from lmstack.train.dpo import dpo
     from lmstack.train.kto import kto
 
-    cfg = _config(args)
-    note_model(cfg.model)
-    try:
-        out = {"dpo": dpo, "kto": kto}[args.stage](cfg, resume=args.resume)
-    except KeyboardInterrupt:
-        return _stopped(args.stage, args, cfg)
+    cfg, out = run_stage(args.stage, {"dpo": dpo, "kto": kto}[args.stage], args)
+    if out is None:
+        return STOPPED
     _report(args.stage, out, cfg, args.json)
     if "val_reward_acc" in out and not args.json:
         before = out.get("val_reward_acc_before")

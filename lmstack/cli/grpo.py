@@ -18,16 +18,12 @@ def register(subparsers) -> None:
 
 
 def _grpo(args) -> int:
-    from lmstack.cli._common import note_model
-    from lmstack.cli.train import _config, _report, _stopped
+    from lmstack.cli.train import STOPPED, _report, run_stage
     from lmstack.train.grpo import grpo
 
-    cfg = _config(args)
-    note_model(cfg.model)
-    try:
-        out = grpo(cfg, resume=args.resume)
-    except KeyboardInterrupt:
-        return _stopped("grpo", args, cfg)
+    cfg, out = run_stage("grpo", grpo, args)
+    if out is None:
+        return STOPPED
     _report("grpo", out, cfg, args.json)
     if "after" in out and not args.json:
         before = out.get("before")

@@ -21,16 +21,12 @@ def register(subparsers) -> None:
 
 
 def _rm(args) -> int:
-    from lmstack.cli._common import note_model
-    from lmstack.cli.train import _config, _stopped
+    from lmstack.cli.train import STOPPED, run_stage
     from lmstack.train.rm import rm
 
-    cfg = _config(args)
-    note_model(cfg.model)
-    try:
-        out = rm(cfg, resume=args.resume)
-    except KeyboardInterrupt:
-        return _stopped("rm", args, cfg)
+    cfg, out = run_stage("rm", rm, args)
+    if out is None:
+        return STOPPED
     extra = {k: out[k] for k in ("val_accuracy", "val_margin") if k in out}
     _finish("rm", out, cfg, args.json, extra)
     if extra and not args.json:
@@ -50,16 +46,12 @@ def _finish(stage: str, out: dict, cfg, as_json: bool, extra: dict) -> None:
 
 
 def _ppo(args) -> int:
-    from lmstack.cli._common import note_model
-    from lmstack.cli.train import _config, _stopped
+    from lmstack.cli.train import STOPPED, run_stage
     from lmstack.train.ppo import ppo
 
-    cfg = _config(args)
-    note_model(cfg.model)
-    try:
-        out = ppo(cfg, resume=args.resume)
-    except KeyboardInterrupt:
-        return _stopped("ppo", args, cfg)
+    cfg, out = run_stage("ppo", ppo, args)
+    if out is None:
+        return STOPPED
     extra = {k: out[k] for k in ("before", "after") if k in out}
     _finish("ppo", out, cfg, args.json, extra)
     if extra and not args.json:

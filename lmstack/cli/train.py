@@ -53,28 +53,41 @@ def _config(args):
     return cfg
 
 
+def run_stage(stage: str, fn, args, note: bool = True):
+    """The config from the recipe and flags, then ``fn(cfg, resume=args.resume)``: ``(cfg, out)``,
+    or ``(cfg, None)`` when Ctrl-C stopped the run, after ``_stopped`` said how to resume it (the
+    caller then exits with ``STOPPED``). ``note`` says so when ``cfg.model`` is a random preset."""
+    cfg = _config(args)
+    if note:
+        from lmstack.cli._common import note_model
+
+        note_model(cfg.model)
+    try:
+        return cfg, fn(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        _stopped(stage, args, cfg)
+        return cfg, None
+
+
+STOPPED = 130  # the exit status of a run stopped with Ctrl-C (128 + SIGINT)
+
+
 def _pretrain(args) -> int:
     from lmstack.train.pretrain import pretrain
 
-    cfg = _config(args)
-    try:
-        out = pretrain(cfg, resume=args.resume)
-    except KeyboardInterrupt:
-        return _stopped("pretrain", args, cfg)
+    cfg, out = run_stage("pretrain", pretrain, args, note=False)
+    if out is None:
+        return STOPPED
     _report("pretrain", out, cfg, args.json)
     return 0
 
 
 def _sft(args) -> int:
-    from lmstack.cli._common import note_model
     from lmstack.train.sft import sft
 
-    cfg = _config(args)
-    note_model(cfg.model)
-    try:
-        out = sft(cfg, resume=args.resume)
-    except KeyboardInterrupt:
-        return _stopped("sft", args, cfg)
+    cfg, out = run_stage("sft", sft, args)
+    if out is None:
+        return STOPPED
     _report("sft", out, cfg, args.json)
     return 0
 
@@ -123,8 +136,8 @@ def _resume_command(stage: str, args) -> str:
     return " ".join(shlex.quote(w) for w in words + ["--resume"])
 
 
-def _stopped(stage: str, args, cfg) -> int:
-    """Ctrl-C: where the last complete checkpoint is and how to go on from it; exit status 130."""
+def _stopped(stage: str, args, cfg) -> None:
+    """Ctrl-C: where the last complete checkpoint is and how to go on from it."""
     from lmstack.train.checkpoint import latest_checkpoint
 
     if _main_rank():
@@ -135,4 +148,3 @@ def _stopped(stage: str, args, cfg) -> int:
         else:
             print(f"\n{stage} stopped; last checkpoint: {ckpt}\nresume with: {_resume_command(stage, args)}",
                   file=sys.stderr)
-    return 130
